@@ -1,0 +1,71 @@
+"""
+nanoGPT's configurator, made safe. A script calls
+
+    config = configurator.configure(globals())
+
+after its config globals (lower-case names of plain types; ALL_CAPS constants are left out). Arguments are config files (Python, run over the config in order) and then
+--key=value overrides (parsed with ast.literal_eval, falling back to a string). An unknown key, a
+value of the wrong type or a missing file stops the program before any work, with one line naming it
+and the closest valid key. Returns the resolved config and writes it back into the script's globals.
+"""
+import ast
+import difflib
+import json
+import os
+import sys
+
+CONFIG_TYPES = (bool, int, float, str, list, tuple, dict)
+
+
+def _fail(msg):
+    raise SystemExit(f"config: {msg}")
+
+
+def _check(key, value, config, where):
+    if key not in config:
+        close = difflib.get_close_matches(key, list(config), n=1)
+        _fail(f"unknown key '{key}' in {where}" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    want = type(config[key])
+    ok = isinstance(value, want) and (want is not int or not isinstance(value, bool))
+    ok = ok or (want is float and isinstance(value, int) and not isinstance(value, bool))  # 1 for 1.0 is fine
+    if not ok:
+        _fail(f"'{key}' in {where} must be {want.__name__} like its default {config[key]!r}, got {value!r}")
+    return float(value) if want is float else value
+
+
+def configure(script_globals, argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    config = {k: v for k, v in script_globals.items()  # ALL_CAPS names are constants, not config
+              if not k.startswith('_') and not k.isupper() and type(v) in CONFIG_TYPES}
+    for arg in argv:
+        if not arg.startswith('--'):
+            if not os.path.isfile(arg):
+                _fail(f"config file '{arg}' not found")
+            namespace = dict(config)
+            with open(arg) as f:
+                exec(compile(f.read(), arg, 'exec'), namespace)
+            for key, value in namespace.items():
+                if key.startswith('_') or key == '__builtins__' or type(value) not in CONFIG_TYPES:
+                    continue  # imports and helpers a config file uses
+                if key not in config or value is not config[key]:
+                    config[key] = _check(key, value, config, arg)
+        else:
+            key, eq, raw = arg[2:].partition('=')
+            if not eq:
+                _fail(f"'{arg}' must look like --key=value")
+            try:
+                value = raw if isinstance(config.get(key), str) else ast.literal_eval(raw)
+            except (SyntaxError, ValueError):
+                value = raw
+            config[key] = _check(key, value, config, 'the command line')
+    script_globals.update(config)
+    return config
+
+
+def save_config(config, out_dir, name='config.json'):
+    """The resolved config, as JSON, beside the outputs it made (written atomically)."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name)
+    with open(path + '.tmp', 'w') as f:
+        json.dump(config, f, indent=2)
+    os.replace(path + '.tmp', path)

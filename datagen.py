@@ -1,0 +1,302 @@
+"""
+Corpus -> activations, warm-start explanations and document-disjoint splits.
+
+    python datagen.py config/datagen_smollm2.py
+    python datagen.py config/datagen_tiny.py --device=cpu
+
+For each document, `positions_per_doc` token positions at or after `min_position` are drawn from a
+per-document seeded RNG. The activation is the output of block `layer` there (the forward stops after
+that block), and the context is the decoded prefix through that token. Documents, never rows, are
+split into av_sft / ar_sft / rl / val. Writes out_dir/{av_sft,ar_sft,rl,val}.parquet and
+out_dir/meta.json, all at the end and atomically: a crash or bad input leaves nothing half-written.
+"""
+import hashlib
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+import configurator
+import nla
+
+# -----------------------------------------------------------------------------
+# I/O
+base_model = 'HuggingFaceTB/SmolLM2-135M-Instruct'  # hub id or local folder
+corpus = 'data/corpus.parquet'  # .parquet (a `text` column), .jsonl ({"text": ...}), .txt (blank-line separated), or hf://OWNER/REPO/FILE.parquet
+out_dir = 'data/smollm2_l20'
+max_docs = 0  # 0: every document of the corpus
+# positions
+layer = 20  # activation = output of block `layer` = hidden_states[layer + 1]
+positions_per_doc = 8
+min_position = 50  # positions are drawn at or after this token index
+max_length = 256  # tokens read per document, so contexts are at most this long
+splits = {'av_sft': 0.3, 'ar_sft': 0.3, 'rl': 0.3, 'val': 0.1}  # fractions of the documents
+marker = '@'  # the AV prompt token whose input embedding the activation replaces
+# teacher
+teacher = 'context'  # 'context' (offline, deterministic) or 'api' (an OpenAI-compatible endpoint)
+api_base_url = 'https://api.openai.com/v1'
+api_model = 'gpt-4o-mini'
+api_key_env = 'OPENAI_API_KEY'  # the name of the environment variable holding the key
+api_concurrency = 8
+api_retries = 5
+# system
+seed = 1337
+device = 'auto'  # 'auto', 'cpu', 'cuda', 'cuda:1', ...
+dtype = 'bfloat16'  # 'float32', 'bfloat16' or 'float16'
+batch_size = 32  # documents per forward pass
+# -----------------------------------------------------------------------------
+
+SPLITS = ('av_sft', 'ar_sft', 'rl', 'val')
+API_INSTRUCTION = (
+    "Below is the beginning of a text, cut at the token where a language model must predict what comes next. "
+    "Name the 2-3 features of the text that a model would use to predict the next words (for example the "
+    "last words, an open clause or quotation, the topic, the style). Write about 80-100 words, as 2-3 short "
+    "snippets, inside <explanation></explanation> tags.\n\n<text>{context}</text>")
+
+
+def fail(msg):
+    raise SystemExit(f"datagen: {msg}")
+
+
+def progress(done, total, t0, what):
+    """One self-overwriting line with the rate and ETA."""
+    rate = done / max(time.time() - t0, 1e-9)
+    eta = (total - done) / rate if rate > 0 else 0
+    end = '\n' if done == total else ''
+    print(f"\r{what} {done}/{total} | {rate:.1f}/s | eta {eta:.0f}s ", end=end, file=sys.stderr, flush=True)
+
+
+def read_corpus(path):
+    """A list of document strings from a local file or an hf:// parquet."""
+    if path.startswith('hf://'):
+        from huggingface_hub import hf_hub_download
+        owner, repo, filename = path[len('hf://'):].split('/', 2)
+        path = hf_hub_download(f"{owner}/{repo}", filename, repo_type='dataset')
+    if not os.path.isfile(path):
+        fail(f"corpus '{path}' not found")
+    if path.endswith('.parquet'):
+        table = pq.read_table(path)
+        if 'text' not in table.column_names:
+            fail(f"corpus '{path}' has no 'text' column (columns: {table.column_names})")
+        docs = table.column('text').to_pylist()
+    elif path.endswith('.jsonl'):
+        with open(path) as f:
+            docs = [json.loads(line)['text'] for line in f if line.strip()]
+    elif path.endswith('.txt'):
+        with open(path) as f:
+            docs = f.read().split('\n\n')
+    else:
+        fail(f"corpus '{path}' must be .parquet, .jsonl or .txt")
+    docs = [d for d in docs if d and d.strip()]
+    if not docs:
+        fail(f"corpus '{path}' has no documents")
+    return docs
+
+
+def draw_positions(ids, special, doc_id, seed, positions_per_doc, min_position):
+    """Sorted positions >= min_position on non-special tokens, from an RNG seeded by (seed, doc_id)."""
+    candidates = [p for p in range(min_position, len(ids)) if ids[p] not in special]
+    rng = np.random.default_rng([seed, doc_id])
+    k = min(positions_per_doc, len(candidates))
+    return sorted(rng.choice(candidates, size=k, replace=False).tolist()) if k else []
+
+
+@torch.no_grad()
+def activations(backbone, docs_ids, doc_positions, pad_id, batch_size, device):
+    """(rows, d) float32: block-K outputs at every (doc, position), documents batched and right-padded."""
+    out, t0 = [], time.time()
+    for i in range(0, len(docs_ids), batch_size):
+        chunk = docs_ids[i:i + batch_size]
+        T = max(len(ids) for ids in chunk)
+        ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), T), dtype=torch.long)
+        for j, row in enumerate(chunk):
+            ids[j, :len(row)] = torch.tensor(row)
+            mask[j, :len(row)] = 1
+        h = backbone(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state  # (B, T, d)
+        for j in range(len(chunk)):
+            out.append(h[j, doc_positions[i + j]].float().cpu())
+        progress(min(i + batch_size, len(docs_ids)), len(docs_ids), t0, 'activations (docs)')
+    return torch.cat(out).numpy()
+
+
+def context_explanation(context):
+    """The offline teacher: the context's most salient earlier words, then a quote of its last words."""
+    words = context.split()
+    last = ' '.join(words[-6:])
+    earlier = {w.strip('.,;:!?"\'()[]').lower() for w in words[:-6]}
+    salient = sorted((w for w in earlier if w.isalpha()), key=lambda w: (-len(w), w))[:3]
+    lines = ([f"- earlier words: {', '.join(salient)}"] if salient else []) + [f'- ends with: "{last}"']
+    return "<explanation>\n" + "\n".join(lines) + "\n</explanation>"
+
+
+def api_call(context, api_key):
+    """One chat completion with retries and exponential backoff on rate limits, server errors and timeouts."""
+    body = json.dumps({'model': api_model, 'temperature': 0,
+                       'messages': [{'role': 'user', 'content': API_INSTRUCTION.format(context=context)}]}).encode()
+    request = urllib.request.Request(f"{api_base_url.rstrip('/')}/chat/completions", data=body, headers={
+        'Content-Type': 'application/json', 'Authorization': f"Bearer {api_key}"})
+    for attempt in range(api_retries + 1):
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                text = json.loads(response.read())['choices'][0]['message']['content']
+            return text if nla.extract_explanation(text) is not None else f"<explanation>{text.strip()}</explanation>"
+        except urllib.error.HTTPError as e:
+            if e.code != 429 and e.code < 500 or attempt == api_retries:
+                fail(f"teacher api: HTTP {e.code} from {api_base_url}: {e.read()[:200]!r}")
+        except (urllib.error.URLError, TimeoutError) as e:
+            if attempt == api_retries:
+                fail(f"teacher api: {api_base_url} unreachable after {api_retries + 1} tries: {e}")
+        time.sleep(2 ** attempt)
+
+
+def api_explanations(contexts, cache_path):
+    """Explanations from the api teacher, with an on-disk cache keyed by model and context, so an
+    interrupted run resumes without paying twice."""
+    api_key = os.environ.get(api_key_env)
+    if not api_key:
+        fail(f"teacher='api' needs the key in the environment variable {api_key_env}, which is not set")
+    key = lambda c: hashlib.sha256(f"{api_model}\n{API_INSTRUCTION}\n{c}".encode()).hexdigest()
+    cache = {}
+    if os.path.exists(cache_path):
+        with open(cache_path) as f:
+            for line in f:
+                if line.endswith('\n'):  # a line cut by a crash is simply asked again
+                    entry = json.loads(line)
+                    cache[entry['key']] = entry['explanation']
+    todo = sorted({c for c in contexts if key(c) not in cache})
+    lock, t0, done = threading.Lock(), time.time(), [0]
+
+    def work(c):
+        text = api_call(c, api_key)
+        with lock, open(cache_path, 'a') as f:
+            f.write(json.dumps({'key': key(c), 'explanation': text}) + '\n')
+            cache[key(c)] = text
+            done[0] += 1
+            progress(done[0], len(todo), t0, 'teacher api')
+
+    print(f"teacher api: {len(contexts) - len(todo)} cached, {len(todo)} to ask", file=sys.stderr)
+    with ThreadPoolExecutor(api_concurrency) as pool:
+        list(pool.map(work, todo))
+    return [cache[key(c)] for c in contexts]
+
+
+def write_outputs(tables, meta):
+    """Every file goes to a temporary folder first, then each is renamed into place, meta.json last,
+    after the old meta.json is gone: readers never see new parquets described by an old meta."""
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = os.path.join(out_dir, f".tmp-{os.getpid()}")
+    os.makedirs(tmp)
+    try:
+        for split, table in tables.items():
+            pq.write_table(table, os.path.join(tmp, f"{split}.parquet"))
+        with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+            json.dump(meta, f, indent=2)
+        if os.path.exists(os.path.join(out_dir, 'meta.json')):
+            os.remove(os.path.join(out_dir, 'meta.json'))
+        for name in [f"{s}.parquet" for s in tables] + ['meta.json']:
+            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(config):
+    run_device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
+    if set(splits) != set(SPLITS) or min(splits.values()) < 0 or abs(sum(splits.values()) - 1) > 1e-6:
+        fail(f"splits must give fractions of {SPLITS} summing to 1, got {splits}")
+    docs = read_corpus(corpus)[:max_docs or None]
+    tokenizer = nla.load_tokenizer(base_model)
+    prompt_ids, marker_pos = nla.av_prompt(tokenizer, marker)  # a bad marker fails here, before any work
+    try:
+        backbone = nla.load_backbone(base_model, layer + 1, dtype, run_device)
+    except ValueError as e:
+        fail(str(e))
+    d_model = backbone.get_input_embeddings().weight.shape[1]
+
+    # positions per document; short documents are skipped and counted
+    special = set(tokenizer.all_special_ids)
+    docs_ids, doc_positions, kept = [], [], []
+    for doc_id, text in enumerate(docs):
+        ids = tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_length)['input_ids']
+        positions = draw_positions(ids, special, doc_id, seed, positions_per_doc, min_position)
+        if positions:
+            docs_ids.append(ids)
+            doc_positions.append(positions)
+            kept.append(doc_id)
+    skipped = len(docs) - len(kept)
+    print(f"{len(docs)} documents: {len(kept)} used, {skipped} skipped as shorter than min_position={min_position} tokens",
+          file=sys.stderr)
+
+    # documents, never rows, are split
+    order = np.random.default_rng(seed).permutation(len(kept))
+    bounds = np.round(np.cumsum([0] + [splits[s] for s in SPLITS]) * len(kept)).astype(int)
+    doc_split = {}
+    for s, lo, hi in zip(SPLITS, bounds[:-1], bounds[1:]):
+        if splits[s] > 0 and hi == lo:
+            fail(f"split '{s}' got no document: {len(kept)} usable documents are too few for splits={splits}")
+        for i in order[lo:hi]:
+            doc_split[kept[i]] = s
+
+    acts = activations(backbone, docs_ids, doc_positions, tokenizer.pad_token_id, batch_size, run_device)
+    rows = [(doc_id, p, s) for doc_id, positions in zip(kept, doc_positions) for p in positions
+            for s in [doc_split[doc_id]]]
+    bad = np.flatnonzero(~np.isfinite(acts).all(1))
+    if len(bad):
+        doc_id, p, _ = rows[bad[0]]
+        fail(f"{len(bad)} activations are NaN or inf, the first at row {bad[0]} (doc_id {doc_id}, position {p}); nothing written")
+    token_ids = {doc_id: ids for doc_id, ids in zip(kept, docs_ids)}
+    contexts = [tokenizer.decode(token_ids[doc_id][:p + 1], skip_special_tokens=True) for doc_id, p, _ in rows]
+
+    # warm-start explanations for every split but rl
+    needs = [i for i, (_, _, s) in enumerate(rows) if s != 'rl']
+    if teacher == 'context':
+        taught = [context_explanation(contexts[i]) for i in needs]
+    elif teacher == 'api':
+        os.makedirs(out_dir, exist_ok=True)
+        taught = api_explanations([contexts[i] for i in needs], os.path.join(out_dir, 'teacher_cache.jsonl'))
+    else:
+        fail(f"teacher must be 'context' or 'api', got '{teacher}'")
+    explanations = [''] * len(rows)
+    for i, text in zip(needs, taught):
+        explanations[i] = text
+
+    norms = np.linalg.norm(acts, axis=1)
+    quantiles = {f"q{q:02d}": float(np.percentile(norms, q)) for q in (5, 25, 50, 75, 95)}
+    tables, counts = {}, {}
+    for s in SPLITS:
+        idx = [i for i, r in enumerate(rows) if r[2] == s]
+        counts[s] = len(idx)
+        tables[s] = pa.table({
+            'doc_id': pa.array([rows[i][0] for i in idx], pa.int64()),
+            'position': pa.array([rows[i][1] for i in idx], pa.int32()),
+            'context': pa.array([contexts[i] for i in idx], pa.string()),
+            'activation': pa.FixedSizeListArray.from_arrays(pa.array(acts[idx].reshape(-1), pa.float32()), d_model),
+            'explanation': pa.array([explanations[i] for i in idx], pa.string()),
+        })
+    meta = {
+        'base_model': base_model, 'layer': layer, 'd_model': d_model, 'vocab_size': len(tokenizer),
+        'marker': marker, 'marker_id': prompt_ids[marker_pos],
+        'alpha': quantiles['q75'],  # the paper's injection scale: the 75th percentile of activation norms
+        'norm_quantiles': quantiles, 'teacher': teacher,
+        'av_prompt': nla.AV_USER, 'ar_prompt': nla.AR_TEMPLATE,
+        'rows': counts, 'docs': {s: sum(v == s for v in doc_split.values()) for s in SPLITS},
+        'docs_skipped': skipped, 'config': config,
+    }
+    write_outputs(tables, meta)
+    print(f"wrote {out_dir}: rows {counts} | alpha {meta['alpha']:.1f} | d_model {d_model}")
+
+
+if __name__ == '__main__':
+    config = configurator.configure(globals())
+    print(json.dumps(config))
+    main(config)

@@ -1,0 +1,364 @@
+"""
+Natural Language Autoencoder model code: a hand-written LoRA, the verbalizer (AV) with activation
+injection, the truncated-backbone reconstructor (AR), the metrics, and save/load. No training loop.
+
+An activation h is the output of decoder block K (HF's hidden_states[K+1]) at one token.
+  AV: the base LM + LoRA. The input embedding of one marker token in a fixed prompt is *replaced* by
+      alpha * h / ||h||, and the model writes "<explanation>...</explanation>".
+  AR: blocks 0..K of the same LM, final norm dropped, reading the last token of
+      "Summary of the following text: <text>{explanation}</text> <summary>", normalised to sqrt(d),
+      then a d x d linear head that starts as the identity.
+Every stage calls the formulas here (inject, normalize, mse, reward, fve) and nowhere else.
+"""
+import json
+import math
+import os
+import re
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import transformers
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+AV_USER = ("Here is an activation vector from inside a language model: {marker}\n"
+           "Describe what it encodes as 2-3 short snippets inside <explanation></explanation> tags.")
+AR_TEMPLATE = "Summary of the following text: <text>{explanation}</text> <summary>"
+FAIL_REWARD = -2.0  # the reward of a rollout with no explanation or that hit the length cap
+DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
+# -----------------------------------------------------------------------------
+# loading and finding the parts of any HF decoder-only LM by its structure
+
+
+def torch_dtype(name):
+    if name not in DTYPES:
+        raise ValueError(f"dtype '{name}' is not one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_tokenizer(name):
+    tok = AutoTokenizer.from_pretrained(name)
+    if tok.pad_token_id is None:  # padding is always masked explicitly, so any id will do
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_lm(name, dtype='bfloat16', device='cpu'):
+    """The full causal LM (the verbalizer's base), frozen."""
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype(dtype)).to(device)
+    model.requires_grad_(False)
+    return model
+
+
+def find_blocks(model):
+    """(module holding the decoder blocks, the blocks): the ModuleList as long as the config's layer count."""
+    n_layers = model.config.get_text_config().num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+            parent = model.get_submodule(name.rsplit('.', 1)[0]) if '.' in name else model
+            return parent, module
+    raise ValueError(f"{type(model).__name__}: no ModuleList of {n_layers} decoder blocks found")
+
+
+def find_final_norm(backbone, blocks):
+    """The backbone's one direct child, besides the embedding and the blocks, with a 1-D weight of size d."""
+    d = backbone.get_input_embeddings().weight.shape[1]
+    found = [name for name, child in backbone.named_children()
+             if child is not blocks and child is not backbone.get_input_embeddings()
+             and getattr(child, 'weight', None) is not None and tuple(child.weight.shape) == (d,)]
+    if len(found) != 1:
+        raise ValueError(f"{type(backbone).__name__}: expected one final norm, found {found}")
+    return found[0]
+
+
+def load_backbone(name, n_blocks, dtype='bfloat16', device='cpu'):
+    """Blocks 0..n_blocks-1 of an LM with the final norm replaced by identity: its last_hidden_state
+    is the output of block n_blocks-1. The config is cut before loading, so upper blocks are never built."""
+    config = AutoConfig.from_pretrained(name)
+    text_config = config.get_text_config()
+    if not 1 <= n_blocks <= text_config.num_hidden_layers:
+        raise ValueError(f"layer {n_blocks - 1} does not exist: {name} has blocks 0..{text_config.num_hidden_layers - 1}")
+    text_config.num_hidden_layers = n_blocks
+    if getattr(text_config, 'layer_types', None):  # per-layer attention kinds (sliding/full) must match the count
+        text_config.layer_types = text_config.layer_types[:n_blocks]
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the upper blocks' weights are skipped on purpose
+    try:
+        backbone = AutoModel.from_pretrained(name, config=config, dtype=torch_dtype(dtype))
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    parent, blocks = find_blocks(backbone)
+    setattr(parent, find_final_norm(parent, blocks), nn.Identity())
+    backbone.requires_grad_(False)
+    return backbone.to(device)
+
+
+def end_token_ids(model, tokenizer):
+    """Every token that ends a response: the generation config's eos ids and the tokenizer's eos."""
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return sorted(set(ids) | {tokenizer.eos_token_id})
+
+# -----------------------------------------------------------------------------
+# LoRA
+
+
+class LoRALinear(nn.Module):
+    """y = W x + s * B A x with W frozen; B = 0 at the start so a fresh adapter is exactly the base.
+    A and B are kept in fp32 (they are what the optimizer updates) and cast to x's dtype in forward."""
+
+    def __init__(self, base, rank, alpha, rslora=False):
+        super().__init__()
+        self.base = base
+        self.rank = rank
+        self.scale = alpha / math.sqrt(rank) if rslora else alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.empty(base.out_features, rank, device=base.weight.device))
+        self.enabled = True
+        self.reset_adapter()
+
+    def reset_adapter(self):
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # peft's choice
+        nn.init.zeros_(self.lora_B)
+
+    def forward(self, x):
+        y = self.base(x)
+        if not self.enabled:
+            return y
+        return y + self.scale * F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+
+    @torch.no_grad()
+    def merged_weight(self):
+        """W + s * B A, out of place, in fp32, cast to W's dtype. W itself is never changed."""
+        w = self.base.weight
+        return (w.float() + self.scale * (self.lora_B.float() @ self.lora_A.float())).to(w.dtype)
+
+
+def add_lora(module, rank, alpha, rslora=False):
+    """Wrap every nn.Linear inside the decoder blocks (attention and MLP) with a LoRALinear."""
+    _, blocks = find_blocks(module)
+    targets = [(name, m) for name, m in blocks.named_modules() if isinstance(m, nn.Linear)]
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition('.')
+        parent = blocks.get_submodule(parent_name) if parent_name else blocks
+        setattr(parent, child, LoRALinear(linear, rank, alpha, rslora))
+    return module
+
+
+def lora_layers(module):
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, LoRALinear)]
+
+
+@contextmanager
+def lora_disabled(module):
+    """The base model (or, after merge_lora_, the reference policy) inside the block."""
+    layers = [m for _, m in lora_layers(module)]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.enabled = True
+
+
+@torch.no_grad()
+def merge_lora_(module):
+    """Fold the live adapters into the base weights and start fresh ones (B = 0). GRPO does this to
+    the SFT verbalizer, so that `lora_disabled` is the SFT policy: the KL reference."""
+    for _, m in lora_layers(module):
+        m.base.weight.copy_(m.merged_weight())
+        m.reset_adapter()
+
+# -----------------------------------------------------------------------------
+# verbalizer: the prompt and the injection
+
+
+def av_prompt(tokenizer, marker):
+    """(prompt token ids, index of the marker). The prompt is split at the marker and both sides are
+    tokenized apart, so the marker is one token at a known place whatever the merges around it."""
+    marker_ids = tokenizer.encode(marker, add_special_tokens=False)
+    if len(marker_ids) != 1:
+        raise ValueError(f"marker {marker!r} is {len(marker_ids)} tokens for this tokenizer, must be one")
+    user = AV_USER.format(marker=marker)
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template([{'role': 'user', 'content': user}], tokenize=False,
+                                             add_generation_prompt=True, enable_thinking=False)
+        special = False  # the template writes its own BOS where the model wants one
+    else:
+        text, special = user + "\n", True
+    if text.count(marker) != 1:
+        raise ValueError(f"marker {marker!r} occurs {text.count(marker)} times in the AV prompt, must be once")
+    before, after = text.split(marker)
+    ids = tokenizer.encode(before, add_special_tokens=special)
+    pos = len(ids)
+    ids = ids + marker_ids + tokenizer.encode(after, add_special_tokens=False)
+    if ids.count(marker_ids[0]) != 1:
+        raise ValueError(f"marker token {marker_ids[0]} ({marker!r}) occurs {ids.count(marker_ids[0])} times in the AV prompt")
+    return ids, pos
+
+
+def inject(model, prompt_ids, marker_pos, acts, alpha):
+    """(B, P, d) input embeddings of the AV prompt with the marker's embedding replaced by alpha * h/||h||."""
+    embed = model.get_input_embeddings()
+    ids = torch.as_tensor(prompt_ids, device=embed.weight.device)
+    x = embed(ids).unsqueeze(0).repeat(acts.shape[0], 1, 1)  # (B, P, d)
+    h = acts.to(device=x.device, dtype=torch.float32)
+    x[:, marker_pos] = (alpha * h / h.norm(dim=-1, keepdim=True)).to(x.dtype)
+    return x
+
+
+def extract_explanation(text):
+    m = re.search(r"<explanation>(.*?)</explanation>", text, re.DOTALL)
+    return None if m is None else m.group(1).strip()
+
+# -----------------------------------------------------------------------------
+# reconstructor
+
+
+class Reconstructor(nn.Module):
+    """Blocks 0..K of the LM (final norm = identity) -> last token -> normalise to sqrt(d) -> fp32 head."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+        d = backbone.get_input_embeddings().weight.shape[1]
+        self.head = nn.Linear(d, d, bias=False, device=backbone.device, dtype=torch.float32)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.eye(d))
+
+    def last_hidden(self, input_ids, attention_mask):
+        """(B, d) output of block K at each row's last real token (rows are right-padded)."""
+        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, d)
+        last = attention_mask.sum(1) - 1
+        return h[torch.arange(h.shape[0], device=h.device), last]
+
+    def forward(self, input_ids, attention_mask):
+        return self.head(normalize(self.last_hidden(input_ids, attention_mask).float()))
+
+
+def ar_inputs(tokenizer, texts, max_text_tokens, device):
+    """Right-padded ids and mask of AR_TEMPLATE around each text; a long text keeps its end, the part
+    nearest the activation's token."""
+    before, after = AR_TEMPLATE.split("{explanation}")
+    pre = tokenizer.encode(before, add_special_tokens=True)
+    post = tokenizer.encode(after, add_special_tokens=False)
+    rows = [pre + tokenizer.encode(t, add_special_tokens=False)[-max_text_tokens:] + post for t in texts]
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def load_reconstructor(name, layer, dtype='bfloat16', device='cpu', lora_rank=0, lora_alpha=1.0, rslora=False):
+    """The AR for activations of block `layer`; trainable in full (lora_rank=0: blocks and head; the
+    embedding stays frozen) or as LoRA on the blocks plus the head."""
+    ar = Reconstructor(load_backbone(name, layer + 1, dtype, device))
+    if lora_rank:
+        add_lora(ar.backbone, lora_rank, lora_alpha, rslora)
+    else:
+        find_blocks(ar.backbone)[1].requires_grad_(True)
+    ar.head.requires_grad_(True)
+    return ar
+
+# -----------------------------------------------------------------------------
+# metrics: the one place each formula lives
+
+
+def normalize(x):
+    """Scale each row to norm sqrt(d), so a coordinate is O(1) whatever the model."""
+    x = x.float()
+    return x * (math.sqrt(x.shape[-1]) / x.norm(dim=-1, keepdim=True))
+
+
+def mse(pred, target):
+    """(B,) mean over dims of (pred - target)^2 after both are normalised to norm sqrt(d).
+    Equal to ||p^ - u^||^2 of the unit vectors: 0 when aligned, 2 when orthogonal, 4 when opposite."""
+    return (normalize(pred) - normalize(target)).pow(2).mean(-1)
+
+
+def reward(pred, target):
+    return -mse(pred, target)
+
+
+def fve_stats(pred, target):
+    """Sufficient statistics of FVE, summable across batches and ranks: (sum ||u^ - p^||^2, sum u^, n)."""
+    u = target.double() / target.double().norm(dim=-1, keepdim=True)
+    p = pred.double() / pred.double().norm(dim=-1, keepdim=True)
+    return (u - p).pow(2).sum(), u.sum(0), u.shape[0]
+
+
+def fve_from_stats(sq_err_sum, u_sum, n):
+    # FVE = 1 - E||u^ - p^||^2 / E||u^ - mean(u^)||^2, with u^ = h/||h||, p^ = pred/||pred||, means over the set.
+    # As ||u^|| = 1, the denominator E||u^ - mean u^||^2 = 1 - ||mean u^||^2. Any constant prediction scores <= 0.
+    variance = 1 - (u_sum / n).pow(2).sum()
+    return float(1 - (sq_err_sum / n) / variance)
+
+
+def fve(pred, target):
+    return fve_from_stats(*fve_stats(pred, target))
+
+
+def fve_rows(pred, target):
+    """(N,) each row's share of FVE: 1 - ||u^_i - p^_i||^2 / E||u^ - mean u^||^2; their mean is fve()."""
+    _, u_sum, n = fve_stats(pred, target)
+    return torch.tensor([fve_from_stats(n * err, u_sum, n) for err in mse(pred, target).double()])
+
+# -----------------------------------------------------------------------------
+# saving and loading trainable weights (safetensors, written atomically)
+
+
+def trainable_state(module):
+    return {n: p.detach().to('cpu', copy=True).contiguous() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def save_weights(path, tensors, meta=None):
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in (meta or {}).items()})
+    os.replace(tmp, path)
+
+
+def load_trainable(module, tensors, what):
+    """Copy `tensors` into the module's trainable parameters; the names and shapes must match exactly."""
+    params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise ValueError(f"{what}: weights do not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    with torch.no_grad():
+        for n, p in params.items():
+            if p.shape != tensors[n].shape:
+                raise ValueError(f"{what}: {n} has shape {tuple(tensors[n].shape)}, the model wants {tuple(p.shape)}")
+            p.copy_(tensors[n])
+
+
+def save_av(model, path, merged, meta=None):
+    """The live adapter, plus every adapter merged into the base before it (`merged`, oldest first),
+    so one file rebuilds the whole verbalizer from the base model."""
+    tensors = {f"adapter{i}.{n}": t for i, state in enumerate(merged + [trainable_state(model)]) for n, t in state.items()}
+    save_weights(path, tensors, meta)
+
+
+def load_av(model, path):
+    """Load a save_av file into a model with fresh LoRA: merges the earlier adapters, loads the live
+    one, and returns the merged states (pass them back to save_av)."""
+    tensors = load_file(path)
+    n = 1 + max(int(k.split('.', 1)[0][len('adapter'):]) for k in tensors)
+    states = [{k.split('.', 1)[1]: t for k, t in tensors.items() if k.startswith(f"adapter{i}.")} for i in range(n)]
+    for state in states[:-1]:
+        load_trainable(model, state, path)
+        merge_lora_(model)
+    load_trainable(model, states[-1], path)
+    return states[:-1]
+
+
+def read_meta(path):
+    with open(path, 'rb') as f:
+        n = int.from_bytes(f.read(8), 'little')
+        header = json.loads(f.read(n))
+    return {k: json.loads(v) for k, v in header.get('__metadata__', {}).items()}

@@ -1,0 +1,80 @@
+"""Tiny stand-ins built in-test, so nothing is downloaded: a byte-level BPE tokenizer with a chat
+template, random Llama and Qwen3 models from a config, and a synthetic corpus."""
+import os
+import random
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+WORDS = ("the a of and to in was he she it that his her with as for had you not on at but by which "
+         "king river night house window letter garden road sea ship captain doctor mother father "
+         "walked said looked heard thought turned opened smiled answered remembered wrote carried "
+         "old young dark bright quiet cold long little great strange silent early").split()
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def synthetic_docs(n, seed=0, words=(60, 160)):
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        sentences = []
+        for _ in range(rng.randint(*words) // 8):
+            s = [rng.choice(WORDS) for _ in range(rng.randint(5, 11))]
+            sentences.append(" ".join(s).capitalize() + rng.choice([".", ".", ",", "!", "?"]))
+        docs.append(" ".join(sentences))
+    return docs
+
+
+def make_tokenizer(path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from nla import AR_TEMPLATE, AV_USER
+    AV_TEXT, AR_TEXT = AV_USER, AR_TEMPLATE
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = synthetic_docs(200, seed=1) + [AV_TEXT, "<explanation>\n- ends with: earlier words: </explanation>", AR_TEXT] * 20
+    tok.train_from_iterator(text, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=specials[1:])
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    return fast
+
+
+def make_model(path, family, tok, layers=4):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    torch.manual_seed(0)
+    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                  bos_token_id=None)
+    if family == 'llama':
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    else:
+        model = Qwen3ForCausalLM(Qwen3Config(head_dim=16, **common))
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope='session')
+def tiny_dir(tmp_path_factory):
+    """{'llama': folder, 'qwen3': folder, 'corpus': parquet}: tiny random models with the test tokenizer."""
+    root = tmp_path_factory.mktemp('tiny')
+    tok = make_tokenizer(str(root / 'tok'))
+    out = {f: make_model(str(root / f), f, tok) for f in ('llama', 'qwen3')}
+    out['corpus'] = str(root / 'corpus.parquet')
+    pq.write_table(pa.table({'text': synthetic_docs(60)}), out['corpus'])
+    return out

@@ -1,0 +1,747 @@
+"""
+Train a Natural Language Autoencoder: SFT warm starts of the verbalizer (AV) and the reconstructor
+(AR), then GRPO on the AV with the AR trained alongside, and held-out evaluation. One stage per run.
+
+    python train.py config/sft_av_smollm2.py      # AV: activation -> warm-start explanation
+    python train.py config/sft_ar_smollm2.py      # AR: explanation -> activation
+    python train.py config/sft_ar_smollm2.py --ar_input=context --out_dir=out/smollm2/sft_ar_context
+    python train.py config/rl_smollm2.py          # GRPO from the two SFT outputs
+    python train.py config/eval_smollm2.py        # held-out metrics of a checkpoint
+    torchrun --nproc_per_node=4 train.py config/rl_qwen3_8b.py --lr=1e-4
+
+GRPO here is on-policy: one optimizer step per batch of rollouts, so there is no PPO ratio or clip
+and no value function. The AV's reward is -mse of the AR's reconstruction (the AR as it was before
+this step's update), -2 for a rollout with no explanation or that hit the length cap. The KL is k3
+to the SFT verbalizer, whose LoRA is merged into the base weights at the start of RL, so "adapter
+off" is the reference. Data parallelism is by hand: every rank holds both models, takes a slice of
+each batch, and sums gradients in flat buckets before clipping.
+"""
+import json
+import math
+import os
+import random
+import sys
+import time
+import types
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from transformers import GenerationConfig
+
+import configurator
+import nla
+
+# -----------------------------------------------------------------------------
+# stage
+stage = 'sft_av'  # 'sft_av', 'sft_ar', 'rl' or 'eval'
+# I/O
+data_dir = 'data/smollm2_l20'  # made by datagen.py
+out_dir = 'out/sft_av'
+base_model = 'HuggingFaceTB/SmolLM2-135M-Instruct'  # must be the model the data was made with
+init_av = ''  # an out_dir whose av.safetensors starts the AV ('' = fresh LoRA)
+init_ar = ''  # an out_dir whose ar.safetensors starts the AR ('' = fresh, identity head)
+context_ar = ''  # an out_dir of sft_ar with ar_input='context': evaluation adds the context ceiling
+resume = False  # continue the run in out_dir from its ckpt.pt
+wandb_log = False  # mirror log.jsonl to wandb
+wandb_project = 'nla'
+wandb_run_name = ''
+# model (a fresh AV takes these; a loaded one keeps the ones it was saved with)
+lora_rank = 32
+lora_alpha = 64.0
+rslora = False  # scale alpha/sqrt(rank) instead of alpha/rank
+ar_lora_rank = 0  # 0: the AR trains in full (blocks and head, embedding frozen); > 0: LoRA on its blocks
+ar_input = 'explanation'  # 'explanation', or 'context' for the context-ceiling control
+ar_max_tokens = 256  # text tokens the AR reads; a longer text keeps its end
+gradient_checkpointing = False
+# optimizer (AdamW; warmup then cosine to lr * min_lr_frac)
+lr = 1e-4  # the AV's
+ar_lr = 1e-4
+weight_decay = 0.0
+warmup_steps = 10
+min_lr_frac = 0.1  # 1.0: constant after warmup
+grad_clip = 1.0
+max_steps = 0  # optimizer steps; 0 = `epochs` passes over the split (SFT only)
+epochs = 1
+batch_size = 32  # SFT rows per step, over all ranks
+micro_batch = 16  # rows or rollouts per forward/backward on one rank
+max_bad_steps = 3  # consecutive non-finite steps that stop the run
+# rl
+batch_prompts = 32  # activations per GRPO step, over all ranks
+group_size = 8  # rollouts per activation: 32 * 8 = 256 rollouts per step
+max_new_tokens = 128
+length_slack = 16  # the length penalty starts at max_new_tokens - length_slack tokens
+length_penalty = 0.01  # reward lost per token past that
+kl_coef = 0.05
+logratio_clamp = 10.0  # |log pi_ref - log pi| is clamped before k3
+temperature = 1.0  # the loss assumes sampling from the true policy: keep 1.0 / 1.0 / 0
+top_p = 1.0
+top_k = 0
+gen_batch_size = 512  # rollouts per generate call
+rollout = 'hf'  # 'hf': transformers' generate
+# evaluation and checkpoints
+eval_interval = 50  # steps; also at step 0 and at the last step
+eval_rows = 256  # val rows evaluated
+eval_examples = 5  # rows printed with their explanation
+ckpt_interval = 100
+log_interval = 1
+# system
+device = 'auto'  # 'auto', 'cpu', 'cuda'; under torchrun each rank takes cuda:LOCAL_RANK
+dtype = 'bfloat16'  # 'float32', 'bfloat16' or 'float16'
+seed = 1337
+# -----------------------------------------------------------------------------
+config = configurator.configure(globals()) if __name__ == '__main__' else {}  # config files, then --key=value
+ddp = int(os.environ.get('RANK', -1)) != -1  # launched by torchrun; the process group starts in main()
+ddp_rank = int(os.environ.get('RANK', 0))
+ddp_local_rank = int(os.environ.get('LOCAL_RANK', 0))
+ddp_world_size = int(os.environ.get('WORLD_SIZE', 1))
+master_process = ddp_rank == 0
+# -----------------------------------------------------------------------------
+
+
+def fail(msg):
+    raise SystemExit(f"train: {msg}")
+
+
+def print0(*args, **kwargs):
+    if master_process:
+        print(*args, **kwargs, flush=True)
+
+# -----------------------------------------------------------------------------
+# data
+
+
+def load_split(split, d_model):
+    """One split as tensors and lists; activations (N, d) float32."""
+    path = os.path.join(data_dir, f"{split}.parquet")
+    if not os.path.isfile(path):
+        fail(f"{path} not found: run datagen.py first")
+    table = pq.read_table(path)
+    acts = table.column('activation').combine_chunks()
+    if acts.type.list_size != d_model:
+        fail(f"{path}: activations have {acts.type.list_size} dims, meta.json says d_model {d_model}")
+    acts = torch.from_numpy(acts.flatten().to_numpy().reshape(-1, d_model).copy())
+    bad = torch.nonzero(~torch.isfinite(acts).all(1)).flatten()
+    if len(bad):
+        fail(f"{path}: row {bad[0].item()} has a NaN or inf activation")
+    return {'acts': acts, 'context': table.column('context').to_pylist(),
+            'explanation': table.column('explanation').to_pylist()}
+
+
+def check_meta(meta, lm_config, tokenizer):
+    """Stop before training if the data was made for another model or tokenizer."""
+    cfg = lm_config.get_text_config()
+    problems = []
+    if meta['d_model'] != cfg.hidden_size:
+        problems.append(f"d_model {meta['d_model']} vs the model's {cfg.hidden_size}")
+    if not 0 <= meta['layer'] < cfg.num_hidden_layers:
+        problems.append(f"layer {meta['layer']} vs the model's {cfg.num_hidden_layers} blocks")
+    if meta.get('vocab_size', len(tokenizer)) != len(tokenizer):
+        problems.append(f"vocab size {meta['vocab_size']} vs the tokenizer's {len(tokenizer)}")
+    if tokenizer.encode(meta['marker'], add_special_tokens=False) != [meta['marker_id']]:
+        problems.append(f"marker {meta['marker']!r} is not token {meta['marker_id']} in this tokenizer")
+    if problems:
+        fail(f"data {data_dir} was made for {meta['base_model']}, not {base_model}: " + "; ".join(problems))
+
+
+def take_rows(cursor, count, n):
+    """The next `count` row indices of an endless stream of seeded per-epoch shuffles, and the new
+    cursor. The cursor (rows consumed) is all a resumed run needs to continue with the same batches."""
+    idx = []
+    while len(idx) < count:
+        epoch, pos = divmod(cursor, n)
+        order = np.random.default_rng([seed, epoch]).permutation(n)
+        k = min(count - len(idx), n - pos)
+        idx += order[pos:pos + k].tolist()
+        cursor += k
+    return idx, cursor
+
+
+def rank_slice(idx):
+    """This rank's contiguous share of a global batch (a prompt's group is made on one rank)."""
+    per_rank = len(idx) // ddp_world_size
+    return idx[ddp_rank * per_rank:(ddp_rank + 1) * per_rank]
+
+# -----------------------------------------------------------------------------
+# models
+
+
+def build_av(init, tokenizer, dev):
+    """The verbalizer: base LM + LoRA, from init/av.safetensors when given. Returns (model, merged)."""
+    av = nla.load_lm(base_model, dtype, dev)
+    path = os.path.join(init, 'av.safetensors') if init else ''
+    if init and not os.path.isfile(path):
+        fail(f"{path} not found")
+    meta = nla.read_meta(path) if init else {'lora_rank': lora_rank, 'lora_alpha': lora_alpha, 'rslora': rslora}
+    nla.add_lora(av, meta['lora_rank'], meta['lora_alpha'], meta['rslora'])
+    merged = nla.load_av(av, path) if init else []
+    av.generation_config = GenerationConfig(  # ours alone: no sampling defaults of the model's leak in
+        do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
+        eos_token_id=nla.end_token_ids(av, tokenizer), pad_token_id=tokenizer.pad_token_id)
+    if gradient_checkpointing:
+        av.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+    return av, merged, meta
+
+
+def build_ar(init, layer, dev):
+    """The reconstructor, from init/ar.safetensors when given. Returns (model, its meta)."""
+    path = os.path.join(init, 'ar.safetensors') if init else ''
+    if init and not os.path.isfile(path):
+        fail(f"{path} not found")
+    meta = nla.read_meta(path) if init else {'ar_lora_rank': ar_lora_rank, 'lora_alpha': lora_alpha,
+                                             'rslora': rslora, 'ar_input': ar_input, 'layer': layer}
+    if meta['layer'] != layer:
+        fail(f"{path} is an AR for layer {meta['layer']}, the data is layer {layer}")
+    ar = nla.load_reconstructor(base_model, layer, dtype, dev, meta['ar_lora_rank'], meta['lora_alpha'], meta['rslora'])
+    if init:
+        nla.load_trainable(ar, load_file(path), path)
+    if gradient_checkpointing:
+        ar.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+    return ar, meta
+
+
+def trainable(module):
+    return [p for p in module.parameters() if p.requires_grad]
+
+# -----------------------------------------------------------------------------
+# the pieces every stage uses
+
+
+def lr_at(step, base, total):
+    if step < warmup_steps:
+        return base * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total - warmup_steps)
+    return base * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def global_sum(values, dev):
+    """Sum a list of numbers (or one tensor) over ranks, in float64."""
+    t = torch.as_tensor(values, dtype=torch.float64, device=dev).clone()
+    if ddp:
+        dist.all_reduce(t)
+    return t
+
+
+def allreduce_grads(params, bucket_numel=1 << 25):
+    """Sum gradients over ranks in flat buckets, one collective per bucket. Each loss here is divided
+    by its global count (rows, tokens or rollouts of the whole batch), so the sum is the global mean
+    and every rank ends with the same gradient: the skip decision on a non-finite one is joint."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if not ddp:
+        return
+    grads = [p.grad for p in params]
+    while grads:
+        bucket, numel = [], 0
+        while grads and (not bucket or numel + grads[0].numel() <= bucket_numel) and grads[0].dtype == (bucket or grads)[0].dtype:
+            numel += grads[0].numel()
+            bucket.append(grads.pop(0))
+        flat = torch.cat([g.reshape(-1) for g in bucket])
+        dist.all_reduce(flat)
+        for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
+            g.copy_(part.view_as(g))
+
+
+def optimizer_step(params, opt, lr_now):
+    """Sync, clip, step. Returns (grad norm, whether the step was taken)."""
+    allreduce_grads(params)
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    ok = bool(torch.isfinite(norm))
+    if ok:
+        for group in opt.param_groups:
+            group['lr'] = lr_now
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(norm), ok
+
+
+def response_logprobs(av, prompt_embeds, resp_ids, resp_mask):
+    """(N, T) fp32 log-probs of each response token given the injected prompt and the tokens before
+    it, and (N, T) entropies (detached). Logits are made only at the response positions."""
+    N, T = resp_ids.shape
+    x = torch.cat([prompt_embeds, av.get_input_embeddings()(resp_ids)], 1)  # (N, P+T, d)
+    mask = torch.cat([torch.ones(N, prompt_embeds.shape[1], dtype=resp_mask.dtype, device=resp_mask.device), resp_mask], 1)
+    logits = av(inputs_embeds=x, attention_mask=mask, logits_to_keep=T + 1).logits[:, :-1].float()  # (N, T, V)
+    logp = logits.log_softmax(-1)
+    token_logp = logp.gather(-1, resp_ids.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1).detach()
+    return token_logp, entropy
+
+
+def pad_rows(rows, pad_id, dev):
+    """Right-padded (N, T) ids and the explicit (N, T) mask of real tokens."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return ids.to(dev), mask.to(dev)
+
+
+def decode(tokenizer, ids, lengths):
+    return tokenizer.batch_decode([r[:n] for r, n in zip(ids.tolist(), lengths.tolist())], skip_special_tokens=True)
+
+
+def ar_predict(ar, tokenizer, texts, dev):
+    """(N, d) fp32 AR predictions, in micro-batches."""
+    preds = []
+    for i in range(0, len(texts), micro_batch):
+        ids, mask = nla.ar_inputs(tokenizer, texts[i:i + micro_batch], ar_max_tokens, dev)
+        preds.append(ar(ids, mask))
+    return torch.cat(preds) if preds else torch.zeros(0, ar.head.weight.shape[0], device=dev)
+
+# -----------------------------------------------------------------------------
+# GRPO pieces: rollouts() -> score() -> advantages() -> policy_loss(), then the AR step
+
+
+@torch.no_grad()
+def rollouts(av, prompt_embeds, n_per_prompt, end_ids, pad_id, seed_key, first_row):
+    """Sample n_per_prompt responses per prompt in chunks of gen_batch_size. Each chunk's sampling
+    is seeded from (seed, seed_key, its first row in the global batch), so a resumed run, or the same
+    batch split over more ranks, draws the same rollouts. Returns ids (N, T), the mask of response
+    tokens (the end token included), lengths, and whether each hit the cap with no end token."""
+    x = prompt_embeds.repeat_interleave(n_per_prompt, 0)  # (N, P, d)
+    attn = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
+    chunks = []
+    for i in range(0, x.shape[0], gen_batch_size):
+        torch.manual_seed(int(np.random.SeedSequence([seed, *seed_key, first_row + i]).generate_state(1)[0]))
+        out = av.generate(inputs_embeds=x[i:i + gen_batch_size], attention_mask=attn[i:i + gen_batch_size])
+        chunks.append(torch.nn.functional.pad(out, (0, max_new_tokens - out.shape[1]), value=pad_id))
+    ids = torch.cat(chunks)  # (N, T)
+    is_end = torch.isin(ids, torch.tensor(end_ids, device=ids.device))
+    has_end = is_end.any(1)
+    lengths = torch.where(has_end, is_end.int().argmax(1) + 1, max_new_tokens)
+    mask = (torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]).long()
+    return ids, mask, lengths, ~has_end
+
+
+@torch.no_grad()
+def score(ar, tokenizer, texts, truncated, lengths, acts, dev):
+    """Rewards (N,) from the AR as it is now: -mse of its reconstruction, FAIL_REWARD for a missing
+    explanation or a truncated rollout, and a hinge penalty on length past max_new_tokens - length_slack.
+    Also returns the valid mask, the extracted explanations and the predictions of the valid rows."""
+    explanations = [nla.extract_explanation(t) for t in texts]
+    valid = torch.tensor([e is not None and not t for e, t in zip(explanations, truncated.tolist())], device=dev)
+    rewards = torch.full((len(texts),), nla.FAIL_REWARD, device=dev)
+    idx = torch.nonzero(valid).flatten()
+    preds = ar_predict(ar, tokenizer, [explanations[i] for i in idx.tolist()], dev)
+    over = (lengths[idx] - (max_new_tokens - length_slack)).clamp(min=0).float()
+    rewards[idx] = nla.reward(preds, acts[idx]) - length_penalty * over
+    return rewards, valid, explanations, preds
+
+
+def advantages(rewards, group_size):
+    """(r - group mean) / (group std + 1e-6), std with Bessel's correction as in TRL."""
+    r = rewards.view(-1, group_size)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)).view(-1)
+
+
+def policy_loss(logp, ref_logp, adv, mask, kl_coef, logratio_clamp):
+    """Per token -A * log pi + kl_coef * k3(pi || ref), k3 = exp(r) - r - 1 with r = log ref - log pi
+    (clamped); token mean per rollout. Returns per-rollout losses (N,) and per-rollout KL (N,)."""
+    log_ratio = (ref_logp - logp).clamp(-logratio_clamp, logratio_clamp)
+    k3 = log_ratio.exp() - log_ratio - 1
+    n_tokens = mask.sum(1).clamp(min=1)
+    loss = ((-adv[:, None] * logp + kl_coef * k3) * mask).sum(1) / n_tokens
+    return loss, ((k3 * mask).sum(1) / n_tokens).detach()
+
+
+def ar_step(ar, tokenizer, texts, acts, opt, lr_now, dev):
+    """One MSE step of the AR on (text, activation) pairs; the loss is a mean over the global batch."""
+    n_global = global_sum([len(texts)], dev).item()
+    if n_global == 0:
+        return float('nan'), float('nan'), True
+    loss_sum = 0.0
+    ar.train()
+    for i in range(0, len(texts), micro_batch):
+        ids, mask = nla.ar_inputs(tokenizer, texts[i:i + micro_batch], ar_max_tokens, dev)
+        loss = nla.mse(ar(ids, mask), acts[i:i + micro_batch]).sum() / n_global
+        loss.backward()
+        loss_sum += loss.item()
+    norm, ok = optimizer_step(trainable(ar), opt, lr_now)
+    return global_sum([loss_sum], dev).item(), norm, ok
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+
+def evaluate(av, ar, ctx_ar, tokenizer, prompt, alpha, val, end_ids, dev, step):
+    """Round-trip FVE on the val split (document-disjoint from training), with the shuffled control,
+    the AR on the teacher's explanations and, given a context AR, the context ceiling. Rows are
+    sharded over ranks and gathered."""
+    av.eval()
+    ar.eval()
+    rows = list(range(min(eval_rows, len(val['acts']))))[ddp_rank::ddp_world_size]
+    acts = val['acts'][rows].to(dev)
+    with torch.no_grad():
+        embeds = nla.inject(av, prompt[0], prompt[1], acts, alpha)
+        ids, _, lengths, _ = rollouts(av, embeds, 1, end_ids, tokenizer.pad_token_id, (1, step), ddp_rank * len(rows))
+        texts = decode(tokenizer, ids, lengths)
+        lengths = lengths.tolist()
+        explanations = [nla.extract_explanation(t) for t in texts]
+        preds = ar_predict(ar, tokenizer, [e or '' for e in explanations], dev)
+        teacher = ar_predict(ar, tokenizer, [nla.extract_explanation(val['explanation'][r]) or '' for r in rows], dev)
+        ctx = ar_predict(ctx_ar, tokenizer, [val['context'][r] for r in rows], dev) if ctx_ar is not None else None
+    local = {'rows': rows, 'texts': texts, 'lengths': lengths, 'extracted': [e is not None for e in explanations],
+             'acts': acts.cpu(), 'preds': preds.cpu(), 'teacher': teacher.cpu(), 'ctx': None if ctx is None else ctx.cpu()}
+    shards = [local]
+    if ddp:
+        shards = [None] * ddp_world_size
+        dist.all_gather_object(shards, local)
+    cat = lambda k: torch.cat([s[k] for s in shards])
+    acts, preds = cat('acts'), cat('preds')
+    order = np.random.default_rng(seed).permutation(len(acts))
+    shuffled = torch.empty_like(preds)
+    shuffled[order] = preds[np.roll(order, 1)]  # every row gets another row's reconstruction
+    record = {'stage': 'eval', 'step': step, 'fve': nla.fve(preds, acts), 'fve_shuffled': nla.fve(shuffled, acts),
+              'fve_teacher': nla.fve(cat('teacher'), acts),
+              'extraction_rate': float(np.mean(sum((s['extracted'] for s in shards), []))),
+              'mean_len': float(np.mean(sum((s['lengths'] for s in shards), []))), 'rows': len(acts)}
+    if ctx_ar is not None:
+        record['fve_context'] = nla.fve(cat('ctx'), acts)
+    row_fve = nla.fve_rows(preds, acts)
+    all_rows, all_texts = sum((s['rows'] for s in shards), []), sum((s['texts'] for s in shards), [])
+    examples = []
+    for j in range(min(eval_examples, len(all_rows))):
+        context = val['context'][all_rows[j]].replace('\n', ' ')
+        examples.append({'context_end': context[-80:], 'explanation': all_texts[j], 'fve': float(row_fve[j])})
+    return record, examples
+
+
+# -----------------------------------------------------------------------------
+# checkpoints and logs
+
+
+def save_checkpoint(run):
+    """Trainable weights as safetensors (what a later stage's init_av/init_ar reads) and ckpt.pt with
+    everything a resume needs. Master only; each file is written to a temporary name, then renamed."""
+    if not master_process:
+        return
+    meta = {'stage': stage, 'step': run.step, 'base_model': base_model, 'layer': run.meta['layer']}
+    if run.av_opt is not None:
+        nla.save_av(run.av, os.path.join(out_dir, 'av.safetensors'), run.av_merged, {**run.av_meta, **meta})
+    if run.ar_opt is not None:
+        nla.save_weights(os.path.join(out_dir, 'ar.safetensors'), nla.trainable_state(run.ar), {**run.ar_meta, **meta})
+    ckpt = {'step': run.step, 'cursor': run.cursor, 'bad_steps': run.bad_steps, 'skipped': run.skipped, 'config': run.config,
+            'av': None if run.av_opt is None else nla.trainable_state(run.av),
+            'ar': None if run.ar_opt is None else nla.trainable_state(run.ar),
+            'av_opt': None if run.av_opt is None else run.av_opt.state_dict(),
+            'ar_opt': None if run.ar_opt is None else run.ar_opt.state_dict(),
+            'rng': {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate(),
+                    'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+    path = os.path.join(out_dir, 'ckpt.pt')
+    torch.save(ckpt, path + '.tmp')
+    os.replace(path + '.tmp', path)
+
+
+def load_checkpoint(run):
+    path = os.path.join(out_dir, 'ckpt.pt')
+    if not os.path.isfile(path):
+        fail(f"resume=True but {path} does not exist")
+    ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    if ckpt['config']['stage'] != stage:
+        fail(f"{path} is a '{ckpt['config']['stage']}' run, this is '{stage}'")
+    for model, opt, key in ((run.av, run.av_opt, 'av'), (run.ar, run.ar_opt, 'ar')):
+        if opt is not None:
+            nla.load_trainable(model, ckpt[key], path)
+            opt.load_state_dict(ckpt[f"{key}_opt"])
+    run.step, run.cursor, run.bad_steps, run.skipped = ckpt['step'], ckpt['cursor'], ckpt['bad_steps'], ckpt['skipped']
+    torch.set_rng_state(ckpt['rng']['torch'])
+    np.random.set_state(ckpt['rng']['numpy'])
+    random.setstate(ckpt['rng']['python'])
+    if ckpt['rng']['cuda'] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt['rng']['cuda'])
+    print0(f"resumed {path} at step {run.step}")
+
+
+def log(run, record):
+    """One JSON line in log.jsonl, mirrored to wandb (a no-op unless wandb_log). Master only."""
+    if not master_process:
+        return
+    with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
+        f.write(json.dumps(record) + '\n')
+    run.wandb_log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record['step'])
+
+
+def fmt(record, skip=('stage', 'step')):
+    return ' | '.join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k not in skip)
+
+
+def print_examples(examples):
+    for ex in examples:
+        print0(f"  ...{ex['context_end'][-60:]!r}\n     -> {ex['explanation'][:160]!r} | fve {ex['fve']:.3f}")
+
+
+def run_loop(run, total, update, evaluate_fn):
+    """Steps run.step..total: evaluate every eval_interval and at the end, checkpoint every
+    ckpt_interval and at the end, stop the run after max_bad_steps non-finite steps in a row."""
+    start, t_start = run.step, time.time()
+    while True:
+        step = run.step
+        if (step % eval_interval == 0 or step == total) and not (step == start and start > 0):
+            record, examples = evaluate_fn(step)
+            print0(f"eval {step:05d} | {fmt(record)}")
+            print_examples(examples)
+            log(run, record)
+        if step > start and (step % ckpt_interval == 0 or step == total):
+            save_checkpoint(run)
+        if step >= total:
+            return
+        t0 = time.time()
+        record = update(step)
+        run.step += 1
+        if record.pop('ok'):
+            run.bad_steps = 0
+        else:
+            run.bad_steps += 1
+            run.skipped += 1
+            if run.bad_steps >= max_bad_steps:
+                fail(f"{run.bad_steps} steps in a row had a non-finite loss or gradient (last at step {step}); stopping")
+        eta = (time.time() - t_start) / (run.step - start) * (total - run.step)
+        record = {'stage': stage, 'step': run.step, **record, 'skipped': run.skipped, 'dt': time.time() - t0}
+        if step % log_interval == 0 or run.step == total:
+            print0(f"step {run.step:05d}/{total:05d} | {fmt(record)} | eta {eta / 60:.1f}m")
+            log(run, record)
+
+# -----------------------------------------------------------------------------
+# the stages
+
+
+def ar_texts(data, rows, source):
+    if source == 'context':
+        return [data['context'][r] for r in rows]
+    return [nla.extract_explanation(data['explanation'][r]) or '' for r in rows]
+
+
+def sft_av(run):
+    """The AV learns to write the warm-start explanation for the injected activation: cross-entropy
+    on the response tokens (the end token included), prompt and padding masked."""
+    train, val, dev, tok = load_split('av_sft', run.d), load_split('val', run.d), run.dev, run.tokenizer
+    total = max_steps or epochs * len(train['acts']) // batch_size
+
+    def targets(data, rows):
+        return [tok.encode(data['explanation'][r], add_special_tokens=False) + [tok.eos_token_id] for r in rows]
+
+    def ce(data, rows, backward, n_tokens):
+        loss_sum = 0.0
+        for i in range(0, len(rows), micro_batch):
+            ids, mask = pad_rows(targets(data, rows[i:i + micro_batch]), tok.pad_token_id, dev)
+            embeds = nla.inject(run.av, run.prompt_ids, run.marker_pos, data['acts'][rows[i:i + micro_batch]], run.alpha)
+            logp, _ = response_logprobs(run.av, embeds, ids, mask)
+            loss = -(logp * mask).sum() / n_tokens
+            if backward:
+                loss.backward()
+            loss_sum += loss.item()
+        return global_sum([loss_sum], dev).item()
+
+    def update(step):
+        idx, run.cursor = take_rows(run.cursor, batch_size, len(train['acts']))
+        rows = rank_slice(idx)
+        n_tokens = global_sum([sum(len(t) for t in targets(train, rows))], dev).item()
+        run.av.train()
+        loss = ce(train, rows, True, n_tokens)
+        lr_now = lr_at(step, lr, total)
+        norm, ok = optimizer_step(trainable(run.av), run.av_opt, lr_now)
+        return {'ok': ok, 'loss': loss, 'grad_norm': norm, 'lr': lr_now}
+
+    @torch.no_grad()
+    def evaluate_fn(step):
+        rows = rank_slice(list(range(min(eval_rows, len(val['acts'])) // ddp_world_size * ddp_world_size)))
+        run.av.eval()
+        n_tokens = global_sum([sum(len(t) for t in targets(val, rows))], dev).item()
+        return {'stage': 'eval', 'step': step, 'val_loss': ce(val, rows, False, n_tokens)}, []
+
+    run_loop(run, total, update, evaluate_fn)
+
+
+def sft_ar(run):
+    """The AR learns text -> activation with the normalised MSE; ar_input='context' trains the
+    context-ceiling control on the raw context instead of the explanation."""
+    train, val, dev = load_split('ar_sft', run.d), load_split('val', run.d), run.dev
+    total = max_steps or epochs * len(train['acts']) // batch_size
+
+    def update(step):
+        idx, run.cursor = take_rows(run.cursor, batch_size, len(train['acts']))
+        rows = rank_slice(idx)
+        lr_now = lr_at(step, ar_lr, total)
+        loss, norm, ok = ar_step(run.ar, run.tokenizer, ar_texts(train, rows, ar_input), train['acts'][rows].to(dev),
+                                 run.ar_opt, lr_now, dev)
+        return {'ok': ok, 'loss': loss, 'grad_norm': norm, 'lr': lr_now}
+
+    @torch.no_grad()
+    def evaluate_fn(step):
+        run.ar.eval()
+        rows = list(range(min(eval_rows, len(val['acts']))))  # every rank scores all rows: cheap next to training
+        preds, acts = ar_predict(run.ar, run.tokenizer, ar_texts(val, rows, ar_input), dev).cpu(), val['acts'][rows]
+        order = np.random.default_rng(seed).permutation(len(rows))
+        shuffled = torch.empty_like(preds)
+        shuffled[order] = preds[np.roll(order, 1)]
+        return {'stage': 'eval', 'step': step, 'fve': nla.fve(preds, acts), 'fve_shuffled': nla.fve(shuffled, acts),
+                'val_mse': float(nla.mse(preds, acts).mean())}, []
+
+    run_loop(run, total, update, evaluate_fn)
+
+
+def rl(run):
+    """GRPO: rollouts() -> score() -> advantages() -> policy_loss() -> ar_step(), once per step."""
+    data, val, dev, tok = load_split('rl', run.d), load_split('val', run.d), run.dev, run.tokenizer
+    pad_id = tok.pad_token_id
+
+    def update(step):
+        t0 = time.time()
+        idx, run.cursor = take_rows(run.cursor, batch_prompts, len(data['acts']))
+        rows = rank_slice(idx)
+        acts = data['acts'][rows].to(dev)
+        run.av.eval()
+        embeds = nla.inject(run.av, run.prompt_ids, run.marker_pos, acts, run.alpha)  # (B, P, d)
+        ids, mask, lengths, truncated = rollouts(run.av, embeds, group_size, run.end_ids, pad_id, (0, step),
+                                                ddp_rank * len(rows) * group_size)
+        ids, mask = ids[:, :int(lengths.max())], mask[:, :int(lengths.max())]
+        texts = decode(tok, ids, lengths)
+        t_gen = time.time()
+        acts = acts.repeat_interleave(group_size, 0)  # (N, d)
+        run.ar.eval()
+        rewards, valid, explanations, preds = score(run.ar, tok, texts, truncated, lengths, acts, dev)
+        adv = advantages(rewards, group_size)
+        t_score = time.time()
+
+        n_global = len(texts) * ddp_world_size
+        kl, entropy = torch.zeros(len(texts), device=dev), torch.zeros(len(texts), device=dev)
+        run.av.train()
+        for i in range(0, len(texts), micro_batch):
+            sl = slice(i, i + micro_batch)
+            x = embeds.repeat_interleave(group_size, 0)[sl]
+            with torch.no_grad(), nla.lora_disabled(run.av):
+                ref_logp, _ = response_logprobs(run.av, x, ids[sl], mask[sl])
+            logp, ent = response_logprobs(run.av, x, ids[sl], mask[sl])
+            loss, kl[sl] = policy_loss(logp, ref_logp, adv[sl], mask[sl], kl_coef, logratio_clamp)
+            (loss.sum() / n_global).backward()
+            entropy[sl] = (ent * mask[sl]).sum(1) / mask[sl].sum(1)
+        lr_now = lr_at(step, lr, max_steps)
+        av_norm, av_ok = optimizer_step(trainable(run.av), run.av_opt, lr_now)
+        t_av = time.time()
+
+        vi = torch.nonzero(valid).flatten().tolist()
+        ar_lr_now = lr_at(step, ar_lr, max_steps)
+        ar_loss, ar_norm, ar_ok = ar_step(run.ar, tok, [explanations[i] for i in vi], acts[vi], run.ar_opt, ar_lr_now, dev)
+        t_ar = time.time()
+
+        # every logged number is over the global batch
+        err_sum, u_sum, n_valid = nla.fve_stats(preds, acts[vi])
+        groups = rewards.view(-1, group_size)
+        extracted = sum(e is not None for e in explanations)
+        s = global_sum([rewards.sum(), rewards.pow(2).sum(), len(texts), n_valid, extracted, truncated.sum(),
+                        lengths.sum(), kl.sum(), entropy.sum(), (groups.max(1).values - groups.min(1).values < 1e-8).sum(),
+                        groups.shape[0], err_sum, t_gen - t0], dev)
+        u_sum = global_sum(u_sum, dev)
+        n = s[2].item()
+        return {'ok': av_ok and ar_ok, 'reward': (s[0] / n).item(), 'reward_std': ((s[1] / n - (s[0] / n) ** 2).clamp(min=0).sqrt()).item(),
+                'fve': nla.fve_from_stats(s[11], u_sum, s[3]) if s[3] > 1 else float('nan'),
+                'extraction_rate': (s[4] / n).item(), 'truncation_rate': (s[5] / n).item(), 'mean_len': (s[6] / n).item(),
+                'kl': (s[7] / n).item(), 'entropy': (s[8] / n).item(), 'zero_adv_frac': (s[9] / s[10]).item(),
+                'av_grad_norm': av_norm, 'ar_grad_norm': ar_norm, 'ar_loss': ar_loss, 'lr': lr_now, 'ar_lr': ar_lr_now,
+                't_gen': t_gen - t0, 't_score': t_score - t_gen, 't_av': t_av - t_score, 't_ar': t_ar - t_av,
+                'rollout_tok_s': s[6].item() / (s[12].item() / ddp_world_size)}
+
+    run_loop(run, max_steps, update, lambda step: evaluate(
+        run.av, run.ar, run.ctx_ar, tok, (run.prompt_ids, run.marker_pos), run.alpha, val, run.end_ids, dev, step))
+
+
+def eval_stage(run):
+    record, examples = evaluate(run.av, run.ar, run.ctx_ar, run.tokenizer, (run.prompt_ids, run.marker_pos), run.alpha,
+                                load_split('val', run.d), run.end_ids, run.dev, 0)
+    print0(f"eval | {fmt(record)}")
+    print_examples(examples)
+    log(run, record)
+
+# -----------------------------------------------------------------------------
+
+
+def check_config():
+    """Derived sizes and settings, checked once before any work."""
+    if stage not in ('sft_av', 'sft_ar', 'rl', 'eval'):
+        fail(f"stage must be 'sft_av', 'sft_ar', 'rl' or 'eval', got '{stage}'")
+    if (temperature, top_p, top_k) != (1.0, 1.0, 0):
+        fail(f"GRPO's loss assumes samples from the true policy: temperature 1, top_p 1, top_k 0 (got {temperature}, {top_p}, {top_k})")
+    if rollout != 'hf':
+        fail(f"rollout must be 'hf' (got '{rollout}')")
+    if ar_input not in ('explanation', 'context'):
+        fail(f"ar_input must be 'explanation' or 'context', got '{ar_input}'")
+    for name, value in (('batch_size', batch_size), ('batch_prompts', batch_prompts)):
+        if value % ddp_world_size:
+            fail(f"{name}={value} must divide by the number of ranks, {ddp_world_size}")
+    if stage == 'rl' and max_steps <= 0:
+        fail("stage 'rl' needs max_steps > 0")
+    if stage in ('rl', 'eval') and (not init_av or not init_ar):
+        fail(f"stage '{stage}' needs init_av and init_ar (the sft_av and sft_ar out_dirs)")
+    if stage != 'eval' and not resume and os.path.exists(os.path.join(out_dir, 'ckpt.pt')):
+        fail(f"{out_dir} holds another run's ckpt.pt: pass --resume=True to continue it, or choose another out_dir")
+
+
+def main(config):
+    check_config()
+    dev = device if device != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu'
+    if ddp:
+        dev = f"cuda:{ddp_local_rank}" if dev.startswith('cuda') else 'cpu'
+        if dev.startswith('cuda'):
+            torch.cuda.set_device(dev)
+        dist.init_process_group('nccl' if dev.startswith('cuda') else 'gloo')
+    if master_process:
+        print(json.dumps(config))
+        configurator.save_config(config, out_dir)
+    meta_path = os.path.join(data_dir, 'meta.json')
+    if not os.path.isfile(meta_path):
+        fail(f"{meta_path} not found: run datagen.py first")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    tokenizer = nla.load_tokenizer(base_model)
+    torch.manual_seed(seed)  # the same fresh LoRA on every rank
+    np.random.seed(seed)
+    random.seed(seed)
+
+    run = types.SimpleNamespace()  # the run's objects, passed to the stage
+    run.config, run.meta, run.tokenizer, run.dev, run.d = config, meta, tokenizer, dev, meta['d_model']
+    run.prompt_ids, run.marker_pos = nla.av_prompt(tokenizer, meta['marker'])
+    run.alpha = meta['alpha']
+    run.av = run.ar = run.ctx_ar = run.av_opt = run.ar_opt = None
+    run.av_merged, run.av_meta, run.ar_meta = [], {}, {}
+    run.step, run.cursor, run.bad_steps, run.skipped = 0, 0, 0, 0
+    if stage in ('sft_av', 'rl', 'eval'):
+        run.av, run.av_merged, run.av_meta = build_av(init_av, tokenizer, dev)
+        check_meta(meta, run.av.config, tokenizer)
+        run.end_ids = nla.end_token_ids(run.av, tokenizer)
+        if stage == 'rl':  # the SFT adapter becomes the frozen reference; a fresh one is trained on top
+            run.av_merged.append(nla.trainable_state(run.av))
+            nla.merge_lora_(run.av)
+        if stage != 'eval':
+            run.av_opt = torch.optim.AdamW(trainable(run.av), lr=lr, weight_decay=weight_decay)
+    if stage in ('sft_ar', 'rl', 'eval'):
+        run.ar, run.ar_meta = build_ar(init_ar, meta['layer'], dev)
+        if run.av is None:
+            check_meta(meta, run.ar.backbone.config, tokenizer)
+        if stage != 'eval':
+            run.ar_opt = torch.optim.AdamW(trainable(run.ar), lr=ar_lr, weight_decay=weight_decay)
+        if stage == 'rl' and run.ar_meta['ar_input'] != 'explanation':
+            fail(f"init_ar {init_ar} reads contexts (a context-ceiling AR); RL needs an explanation AR")
+    if context_ar and stage in ('rl', 'eval'):
+        run.ctx_ar, _ = build_ar(context_ar, meta['layer'], dev)
+    if resume:
+        load_checkpoint(run)
+    run.wandb_log = lambda *args, **kwargs: None
+    if wandb_log and master_process:
+        import wandb
+        wandb.init(project=wandb_project, name=wandb_run_name or None, config=config)
+        run.wandb_log = wandb.log
+    {'sft_av': sft_av, 'sft_ar': sft_ar, 'rl': rl, 'eval': eval_stage}[stage](run)
+
+
+if __name__ == '__main__':
+    try:
+        main(config)
+    finally:
+        if ddp and dist.is_initialized():
+            dist.destroy_process_group()
