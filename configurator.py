@@ -11,6 +11,7 @@ and the closest valid key. Returns the resolved config and writes it back into t
 import ast
 import difflib
 import json
+import math
 import os
 import sys
 
@@ -30,6 +31,8 @@ def _check(key, value, config, where):
     ok = ok or (want is float and isinstance(value, int) and not isinstance(value, bool))  # 1 for 1.0 is fine
     if not ok:
         _fail(f"'{key}' in {where} must be {want.__name__} like its default {config[key]!r}, got {value!r}")
+    if want is float and not math.isfinite(value):
+        _fail(f"'{key}' in {where} must be a finite number, got {value!r}")
     return float(value) if want is float else value
 
 

@@ -1,5 +1,6 @@
 """Tiny stand-ins built in-test, so nothing is downloaded: a byte-level BPE tokenizer with a chat
 template, random Llama and Qwen3 models from a config, and a synthetic corpus."""
+import json
 import os
 import random
 import sys
@@ -63,6 +64,8 @@ def make_model(path, family, tok, layers=4):
         model = LlamaForCausalLM(LlamaConfig(**common))
     else:
         model = Qwen3ForCausalLM(Qwen3Config(head_dim=16, **common))
+    with torch.no_grad():  # a random head (tied to the embedding) is too small for confident logits: LoRA could not learn a format
+        model.get_input_embeddings().weight.mul_(10)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(path)
     tok.save_pretrained(path)
@@ -77,4 +80,47 @@ def tiny_dir(tmp_path_factory):
     out = {f: make_model(str(root / f), f, tok) for f in ('llama', 'qwen3')}
     out['corpus'] = str(root / 'corpus.parquet')
     pq.write_table(pa.table({'text': synthetic_docs(60)}), out['corpus'])
+    return out
+
+
+def run_script(script, *args, ok=True, env=None, cwd=ROOT):
+    """Run a top-level script as a user would; check its exit status."""
+    import subprocess
+    full_env = {**os.environ, 'PYTHONUNBUFFERED': '1', **(env or {})}
+    p = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
+                       text=True, env=full_env, cwd=cwd)
+    if ok and p.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(map(str, args))} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+@pytest.fixture(scope='session')
+def tiny_data(tiny_dir, tmp_path_factory):
+    """datagen output for the tiny Llama: layer 1 of 4, 400 documents, 4 positions each."""
+    root = tmp_path_factory.mktemp('data')
+    corpus = str(root / 'corpus.parquet')
+    pq.write_table(pa.table({'text': synthetic_docs(400)}), corpus)
+    out = str(root / 'tiny')
+    run_script('datagen.py', 'config/datagen_tiny.py', f'--base_model={tiny_dir["llama"]}', f'--corpus={corpus}',
+               f'--out_dir={out}', '--layer=1')
+    return out
+
+
+def read_log(out_dir, stage=None):
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        records = [json.loads(line) for line in f]
+    return [r for r in records if stage is None or r['stage'] == stage]
+
+
+@pytest.fixture(scope='session')
+def sft_runs(tiny_dir, tiny_data, tmp_path_factory):
+    """The SFT stages on the tiny data: {'av': out_dir, 'ar': out_dir, 'ar_context': out_dir}."""
+    root = tmp_path_factory.mktemp('sft')
+    base = ['config/tiny.py', f'--base_model={tiny_dir["llama"]}', f'--data_dir={tiny_data}']
+    out = {k: str(root / k) for k in ('av', 'ar', 'ar_context')}
+    run_script('train.py', *base, '--stage=sft_av', f'--out_dir={out["av"]}', '--epochs=5', '--lr=3e-3', '--eval_interval=50')
+    run_script('train.py', *base, '--stage=sft_ar', f'--out_dir={out["ar"]}', '--max_steps=300', '--ar_lr=3e-3',
+               '--eval_interval=100', '--eval_rows=160')
+    run_script('train.py', *base, '--stage=sft_ar', '--ar_input=context', f'--out_dir={out["ar_context"]}',
+               '--max_steps=100', '--ar_lr=3e-3', '--eval_interval=100', '--eval_rows=160')
     return out

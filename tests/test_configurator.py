@@ -1,0 +1,56 @@
+"""configurator.py: files then --key=value over a script's globals, refusing what it does not know."""
+import pytest
+
+import configurator
+
+
+def defaults():
+    return {'lr': 1e-4, 'steps': 10, 'name': 'run', 'flag': False, 'splits': {'a': 0.5}}
+
+
+def test_files_then_command_line(tmp_path):
+    cfg = tmp_path / 'c.py'
+    cfg.write_text("import math\nlr = 3e-4\nsteps = 2 * 5 + 1\nname = 'from_file'\n")
+    g = defaults()
+    config = configurator.configure(g, [str(cfg), '--steps=7', '--flag=True', '--name=42'])
+    assert config == {'lr': 3e-4, 'steps': 7, 'name': '42', 'flag': True, 'splits': {'a': 0.5}}
+    assert g['steps'] == 7
+
+
+def test_int_for_float_is_fine():
+    config = configurator.configure(defaults(), ['--lr=1'])
+    assert config['lr'] == 1.0 and isinstance(config['lr'], float)
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--lrr=0.1'], "unknown key 'lrr' in the command line (did you mean 'lr'?)"),
+    (['--steps=1.5'], "'steps' in the command line must be int"),
+    (['--steps=True'], "'steps' in the command line must be int"),
+    (['--flag=1'], "'flag' in the command line must be bool"),
+    (['--lr'], "must look like --key=value"),
+    (['--lr=1e999'], "'lr' in the command line must be a finite number"),
+    (['missing.py'], "config file 'missing.py' not found"),
+])
+def test_bad_arguments_stop_with_one_line(argv, message):
+    with pytest.raises(SystemExit) as e:
+        configurator.configure(defaults(), argv)
+    assert message in str(e.value) and '\n' not in str(e.value)
+
+
+def test_unknown_key_in_a_file(tmp_path):
+    cfg = tmp_path / 'c.py'
+    cfg.write_text("setps = 3\n")
+    with pytest.raises(SystemExit, match=r"unknown key 'setps' in .*c.py \(did you mean 'steps'\?\)"):
+        configurator.configure(defaults(), [str(cfg)])
+
+
+def test_constants_are_not_config():
+    g = {**defaults(), 'SPLITS': ('a', 'b')}
+    with pytest.raises(SystemExit, match="unknown key 'SPLITS'"):
+        configurator.configure(g, ['--SPLITS=1'])
+
+
+def test_save_config(tmp_path):
+    import json
+    configurator.save_config(defaults(), tmp_path / 'out')
+    assert json.loads((tmp_path / 'out' / 'config.json').read_text()) == defaults()

@@ -1,0 +1,178 @@
+"""datagen.py: positions, activations, splits, teachers, meta.json, and refusal of bad input."""
+import http.server
+import json
+import os
+import threading
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import nla
+from conftest import run_script, synthetic_docs
+
+SPLITS = ('av_sft', 'ar_sft', 'rl', 'val')
+
+
+def read(out, split):
+    return pq.read_table(os.path.join(out, f'{split}.parquet')).to_pydict()
+
+
+def test_writes_four_splits_and_meta(tiny_data, tiny_dir):
+    meta = json.load(open(os.path.join(tiny_data, 'meta.json')))
+    for key in ('base_model', 'layer', 'd_model', 'marker', 'marker_id', 'alpha', 'norm_quantiles', 'teacher',
+                'av_prompt', 'ar_prompt', 'rows', 'config'):
+        assert key in meta
+    assert meta['layer'] == 1 and meta['d_model'] == 64 and meta['base_model'] == tiny_dir['llama']
+    tok = nla.load_tokenizer(tiny_dir['llama'])
+    assert tok.encode(meta['marker'], add_special_tokens=False) == [meta['marker_id']]
+    for s in SPLITS:
+        t = pq.read_table(os.path.join(tiny_data, f'{s}.parquet'))
+        assert t.num_rows == meta['rows'][s] > 0
+        assert str(t.schema.field('activation').type) == 'fixed_size_list<element: float>[64]'
+        assert {'doc_id', 'position', 'context', 'activation', 'explanation'} <= set(t.column_names)
+    assert not [f for f in os.listdir(tiny_data) if f.startswith('.tmp')]
+
+
+def test_splits_are_document_disjoint(tiny_data):
+    docs = {s: set(read(tiny_data, s)['doc_id']) for s in SPLITS}
+    for i, a in enumerate(SPLITS):
+        for b in SPLITS[i + 1:]:
+            assert not docs[a] & docs[b], f"{a} and {b} share documents"
+
+
+def test_explanations_for_every_split_but_rl(tiny_data):
+    for s in SPLITS:
+        expl = read(tiny_data, s)['explanation']
+        if s == 'rl':
+            assert all(e == '' for e in expl)
+        else:
+            assert all(nla.extract_explanation(e) for e in expl)
+
+
+def test_activations_equal_a_fresh_forward(tiny_data, tiny_dir):
+    """The stored vectors are hidden_states[K+1] of the full model at the recorded positions."""
+    model = nla.load_lm(tiny_dir['llama'], 'float32')
+    tok = nla.load_tokenizer(tiny_dir['llama'])
+    docs = synthetic_docs(400)
+    rows = read(tiny_data, 'val')
+    for i in range(0, len(rows['doc_id']), 7):
+        ids = tok(docs[rows['doc_id'][i]], truncation=True, max_length=128)['input_ids']
+        hs = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[2][0]
+        p = rows['position'][i]
+        torch.testing.assert_close(torch.tensor(rows['activation'][i]), hs[p], atol=1e-4, rtol=1e-4)
+        assert rows['context'][i] == tok.decode(ids[:p + 1], skip_special_tokens=True)
+
+
+def test_positions_follow_the_contract(tiny_data):
+    """At or after min_position, at most positions_per_doc per document, distinct."""
+    for s in SPLITS:
+        rows = read(tiny_data, s)
+        assert min(rows['position']) >= 20
+        by_doc = {}
+        for d, p in zip(rows['doc_id'], rows['position']):
+            by_doc.setdefault(d, []).append(p)
+        assert all(len(ps) <= 4 and len(set(ps)) == len(ps) for ps in by_doc.values())
+
+
+def test_positions_are_deterministic_per_document():
+    from datagen import draw_positions
+    ids = list(range(100))
+    a = draw_positions(ids, {0, 55}, doc_id=3, seed=1, positions_per_doc=5, min_position=50)
+    assert a == draw_positions(ids, {0, 55}, 3, 1, 5, 50) and 55 not in a and min(a) >= 50
+    assert a != draw_positions(ids, {0, 55}, 4, 1, 5, 50)
+
+
+def test_short_documents_are_skipped_and_counted(tiny_dir, tmp_path):
+    corpus = tmp_path / 'c.jsonl'
+    docs = synthetic_docs(30) + ['too short.'] * 3
+    corpus.write_text(''.join(json.dumps({'text': d}) + '\n' for d in docs))
+    run_script('datagen.py', 'config/datagen_tiny.py', f'--base_model={tiny_dir["llama"]}', f'--corpus={corpus}',
+               f'--out_dir={tmp_path / "out"}')
+    assert json.load(open(tmp_path / 'out' / 'meta.json'))['docs_skipped'] == 3
+
+
+def test_txt_corpus(tiny_dir, tmp_path):
+    corpus = tmp_path / 'c.txt'
+    corpus.write_text('\n\n'.join(synthetic_docs(30)))
+    run_script('datagen.py', 'config/datagen_tiny.py', f'--base_model={tiny_dir["llama"]}', f'--corpus={corpus}',
+               f'--out_dir={tmp_path / "out"}')
+    assert sum(json.load(open(tmp_path / 'out' / 'meta.json'))['docs'].values()) == 30
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--corpus=/nonexistent.parquet'], "corpus '/nonexistent.parquet' not found"),
+    (['--layer=4'], "layer 4 does not exist"),
+    (['--splits={"av_sft": 0.5, "rl": 0.5}'], "splits must give fractions"),
+    (['--teacher=oracle'], "teacher must be"),
+    (['--max_docs=2'], "got no document"),
+])
+def test_bad_input_one_line_and_no_output(tiny_dir, tmp_path, args, message):
+    out = tmp_path / 'out'
+    p = run_script('datagen.py', 'config/datagen_tiny.py', f'--base_model={tiny_dir["llama"]}',
+                   f'--corpus={tiny_dir["corpus"]}', f'--out_dir={out}', *args, ok=False)
+    assert p.returncode != 0 and message in p.stderr.strip().splitlines()[-1]
+    assert not out.exists() or not [f for f in os.listdir(out) if not f.startswith('teacher_cache')]
+
+
+def test_empty_corpus(tiny_dir, tmp_path):
+    corpus = tmp_path / 'empty.parquet'
+    pq.write_table(pa.table({'text': pa.array([], pa.string())}), corpus)
+    p = run_script('datagen.py', 'config/datagen_tiny.py', f'--base_model={tiny_dir["llama"]}', f'--corpus={corpus}',
+                   f'--out_dir={tmp_path / "out"}', ok=False)
+    assert "has no documents" in p.stderr.strip().splitlines()[-1]
+
+
+def test_nan_activations_name_the_row(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir['llama'])
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float('nan')
+    model.save_pretrained(tmp_path / 'nan_model')
+    nla.load_tokenizer(tiny_dir['llama']).save_pretrained(tmp_path / 'nan_model')
+    p = run_script('datagen.py', 'config/datagen_tiny.py', f'--base_model={tmp_path / "nan_model"}',
+                   f'--corpus={tiny_dir["corpus"]}', f'--out_dir={tmp_path / "out"}', ok=False)
+    last = p.stderr.strip().splitlines()[-1]
+    assert 'NaN or inf' in last and 'first at row 0' in last and not (tmp_path / 'out' / 'meta.json').exists()
+
+
+class FakeTeacher(http.server.BaseHTTPRequestHandler):
+    calls = 0
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers['Content-Length'])))
+        assert self.headers['Authorization'] == 'Bearer test-key'
+        FakeTeacher.calls += 1
+        if FakeTeacher.calls == 1:  # the first request is rate limited: the client must retry
+            self.send_response(429)
+            self.end_headers()
+            return
+        context = body['messages'][0]['content'].rsplit('<text>', 1)[1][:-len('</text>')]
+        reply = {'choices': [{'message': {'content': f"<explanation>ends {context[-10:]}</explanation>"}}]}
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(json.dumps(reply).encode())
+
+    def log_message(self, *args):
+        pass
+
+
+def test_api_teacher_retries_and_caches(tiny_dir, tmp_path):
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), FakeTeacher)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    args = ['datagen.py', 'config/datagen_tiny.py', f'--base_model={tiny_dir["llama"]}', f'--corpus={tiny_dir["corpus"]}',
+            f'--out_dir={tmp_path / "out"}', '--teacher=api', f'--api_base_url=http://127.0.0.1:{server.server_port}/v1',
+            '--max_docs=20', '--api_retries=2']
+    try:
+        run_script(*args, env={'OPENAI_API_KEY': 'test-key'})
+        first = FakeTeacher.calls
+        rows = read(tmp_path / 'out', 'val')
+        assert all(e.startswith('<explanation>ends ') for e in rows['explanation'])
+        run_script(*args, env={'OPENAI_API_KEY': 'test-key'})
+        assert FakeTeacher.calls == first  # all from the cache
+    finally:
+        server.shutdown()
+    p = run_script(*args[:-1], '--out_dir=' + str(tmp_path / 'other'), env={'OPENAI_API_KEY': ''}, ok=False)
+    assert 'OPENAI_API_KEY' in p.stderr.strip().splitlines()[-1]

@@ -1,0 +1,252 @@
+"""nla.py: LoRA, injection, the reconstructor, the metrics and save/load, on tiny random models."""
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import nla
+
+
+@pytest.fixture(params=['llama', 'qwen3'])
+def family(request):
+    return request.param
+
+
+def lm_with_lora(path, rank=4):
+    torch.manual_seed(0)
+    return nla.add_lora(nla.load_lm(path, 'float32'), rank, 8.0)
+
+
+def randomize_lora(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, m in nla.lora_layers(model):
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
+
+
+def test_lora_wraps_every_attention_and_mlp_linear(tiny_dir, family):
+    """All seven projections of every block are adapted (q, k, v, o, gate, up, down)."""
+    model = lm_with_lora(tiny_dir[family])
+    names = {name.rsplit('.', 1)[1] for name, _ in nla.lora_layers(model)}
+    assert names == {'q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'}
+    assert len(nla.lora_layers(model)) == 7 * model.config.num_hidden_layers
+    assert all('lora_' in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_fresh_lora_equals_base_exactly(tiny_dir, family):
+    """B = 0 at the start, so the adapted model's logits are bit-identical to the base's."""
+    base = nla.load_lm(tiny_dir[family], 'float32')
+    model = lm_with_lora(tiny_dir[family])
+    ids = torch.randint(0, 300, (2, 12))
+    assert torch.equal(base(ids).logits, model(ids).logits)
+
+
+def test_merged_weight_matches_adapted_forward(tiny_dir, family):
+    """A model whose Linears carry merged_weight() gives the adapted model's outputs; W is unchanged."""
+    model = lm_with_lora(tiny_dir[family])
+    randomize_lora(model)
+    before = {n: m.base.weight.clone() for n, m in nla.lora_layers(model)}
+    merged = nla.load_lm(tiny_dir[family], 'float32')
+    with torch.no_grad():
+        for name, m in nla.lora_layers(model):
+            merged.get_submodule(name).weight.copy_(m.merged_weight())
+    ids = torch.randint(0, 300, (2, 12))
+    torch.testing.assert_close(model(ids).logits, merged(ids).logits, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(model(ids).logits, nla.load_lm(tiny_dir[family], 'float32')(ids).logits)
+    assert all(torch.equal(before[n], m.base.weight) for n, m in nla.lora_layers(model))
+
+
+def test_merged_weight_is_fp32_math_cast_to_base_dtype():
+    base = torch.nn.Linear(8, 6).to(torch.bfloat16)
+    layer = nla.LoRALinear(base, rank=2, alpha=4.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    want = (base.weight.float() + 2.0 * layer.lora_B @ layer.lora_A).to(torch.bfloat16)
+    assert layer.merged_weight().dtype == torch.bfloat16
+    assert torch.equal(layer.merged_weight(), want)
+
+
+def test_rslora_scale():
+    layer = nla.LoRALinear(torch.nn.Linear(8, 8), rank=4, alpha=8.0, rslora=True)
+    assert layer.scale == 8.0 / math.sqrt(4)
+    assert nla.LoRALinear(torch.nn.Linear(8, 8), rank=4, alpha=8.0).scale == 2.0
+
+
+def test_lora_disabled_gives_base_outputs(tiny_dir):
+    base = nla.load_lm(tiny_dir['llama'], 'float32')
+    model = lm_with_lora(tiny_dir['llama'])
+    randomize_lora(model)
+    ids = torch.randint(0, 300, (2, 12))
+    with nla.lora_disabled(model):
+        assert torch.equal(model(ids).logits, base(ids).logits)
+    assert not torch.equal(model(ids).logits, base(ids).logits)
+
+
+def test_merge_lora_makes_disabled_the_old_policy(tiny_dir):
+    """After merge_lora_, the model is unchanged and `lora_disabled` is the pre-merge adapted model."""
+    model = lm_with_lora(tiny_dir['llama'])
+    randomize_lora(model)
+    ids = torch.randint(0, 300, (2, 12))
+    want = model(ids).logits
+    nla.merge_lora_(model)
+    torch.testing.assert_close(model(ids).logits, want, atol=1e-5, rtol=1e-5)
+    with nla.lora_disabled(model):
+        torch.testing.assert_close(model(ids).logits, want, atol=1e-5, rtol=1e-5)
+    assert all(torch.count_nonzero(m.lora_B) == 0 for _, m in nla.lora_layers(model))
+
+
+def test_injection_replaces_only_the_marker(tiny_dir, family):
+    tok = nla.load_tokenizer(tiny_dir[family])
+    model = lm_with_lora(tiny_dir[family])
+    ids, pos = nla.av_prompt(tok, '@')
+    assert ids[pos] == tok.encode('@', add_special_tokens=False)[0]
+    acts = torch.randn(3, model.config.hidden_size) * 50
+    x = nla.inject(model, ids, pos, acts, alpha=7.0)
+    plain = model.get_input_embeddings()(torch.tensor(ids))
+    torch.testing.assert_close(x[:, pos], 7.0 * acts / acts.norm(dim=-1, keepdim=True))
+    keep = [i for i in range(len(ids)) if i != pos]
+    assert torch.equal(x[:, keep], plain[keep].expand(3, -1, -1))
+
+
+def test_gradients_reach_lora_and_activation_through_injection(tiny_dir):
+    tok = nla.load_tokenizer(tiny_dir['llama'])
+    model = lm_with_lora(tiny_dir['llama'])
+    ids, pos = nla.av_prompt(tok, '@')
+    acts = torch.randn(2, model.config.hidden_size, requires_grad=True)
+    logits = model(inputs_embeds=nla.inject(model, ids, pos, acts, 5.0)).logits
+    logits[:, -1].logsumexp(-1).sum().backward()
+    assert acts.grad is not None and acts.grad.abs().sum() > 0
+    assert all(m.lora_A.grad is not None for _, m in nla.lora_layers(model))
+
+
+def test_marker_must_be_one_token_and_occur_once(tiny_dir):
+    tok = nla.load_tokenizer(tiny_dir['llama'])
+    with pytest.raises(ValueError, match='must be one'):
+        nla.av_prompt(tok, 'zqxj@@ww')
+    with pytest.raises(ValueError, match='times'):
+        nla.av_prompt(tok, 'e')  # occurs all over the prompt text
+
+
+def test_prompt_without_chat_template_is_plain_text(tiny_dir):
+    tok = nla.load_tokenizer(tiny_dir['llama'])
+    tok.chat_template = None
+    ids, pos = nla.av_prompt(tok, '@')
+    assert '<|im_start|>' not in tok.decode(ids) and 'explanation' in tok.decode(ids)
+
+
+def test_reconstructor_reads_hidden_states_k_plus_1(tiny_dir, family):
+    """The AR's last-token state, before normalisation and head, is the full model's hidden_states[K+1]."""
+    layer = 1
+    full = nla.load_lm(tiny_dir[family], 'float32')
+    ar = nla.load_reconstructor(tiny_dir[family], layer, 'float32')
+    tok = nla.load_tokenizer(tiny_dir[family])
+    ids, mask = nla.ar_inputs(tok, ['a short one', 'a much longer explanation of the text here'], 64, 'cpu')
+    got = ar.last_hidden(ids, mask)
+    for i in range(2):
+        n = int(mask[i].sum())
+        want = full(ids[i:i + 1, :n], output_hidden_states=True).hidden_states[layer + 1][0, -1]
+        torch.testing.assert_close(got[i], want, atol=1e-5, rtol=1e-5)
+    assert len(nla.find_blocks(ar.backbone)[1]) == layer + 1  # the upper blocks were never built
+    assert torch.equal(ar.head.weight, torch.eye(full.config.hidden_size)) and ar.head.weight.dtype == torch.float32
+
+
+def test_reconstructor_full_or_lora_trainables(tiny_dir):
+    full = nla.load_reconstructor(tiny_dir['llama'], 1, 'float32')
+    names = [n for n, p in full.named_parameters() if p.requires_grad]
+    assert 'head.weight' in names and not any('embed' in n for n in names) and any('layers.1.' in n for n in names)
+    lora = nla.load_reconstructor(tiny_dir['llama'], 1, 'float32', lora_rank=4)
+    names = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert 'head.weight' in names and all('lora_' in n for n in names if n != 'head.weight')
+
+
+def test_missing_layer_is_a_clear_error(tiny_dir):
+    with pytest.raises(ValueError, match='layer 9 does not exist'):
+        nla.load_backbone(tiny_dir['llama'], 10, 'float32')
+
+
+def test_mse_scale_and_reward():
+    """Normalised to sqrt(d): aligned 0, orthogonal 2, opposite 4, whatever the norms; reward = -mse."""
+    a = torch.tensor([[3.0, 0, 0, 0]])
+    assert nla.mse(a * 5, a).item() == pytest.approx(0)
+    assert nla.mse(torch.tensor([[0, 0.1, 0, 0]]), a).item() == pytest.approx(2)
+    assert nla.mse(-a, a).item() == pytest.approx(4)
+    assert nla.reward(torch.tensor([[0, 1.0, 0, 0]]), a).item() == pytest.approx(-2)
+    assert nla.FAIL_REWARD == -2.0
+
+
+def test_fve_perfect_and_hand_computed():
+    torch.manual_seed(0)
+    target = torch.randn(50, 16) + 0.5
+    assert nla.fve(target * 3, target) == pytest.approx(1.0)
+    pred = target + torch.randn(50, 16)
+    u = target / target.norm(dim=1, keepdim=True)
+    p = pred / pred.norm(dim=1, keepdim=True)
+    want = 1 - ((u - p) ** 2).sum(1).mean() / ((u - u.mean(0)) ** 2).sum(1).mean()
+    assert nla.fve(pred, target) == pytest.approx(want.item(), abs=1e-6)
+    assert nla.fve_rows(pred, target).mean().item() == pytest.approx(want.item(), abs=1e-6)
+
+
+def test_fve_of_the_mean_predictor_is_at_most_zero():
+    """The mean direction is the best constant prediction: FVE = 1 - 2/(1 + ||mean u||) <= 0, -> 0 as the
+    data concentrate. (p^ is unit-normalised, so a constant can never reach 0 exactly.)"""
+    torch.manual_seed(0)
+    target = torch.randn(200, 16) + 2.0
+    u = target / target.norm(dim=1, keepdim=True)
+    m = u.mean(0)
+    got = nla.fve(m.expand(200, -1), target)
+    assert got == pytest.approx(1 - 2 / (1 + m.norm().item()), abs=1e-6)
+    assert got <= 0
+    assert nla.fve((m + 0.3 * torch.randn(16)).expand(200, -1), target) < got  # any other constant is worse
+
+
+def test_fve_stats_sum_across_shards():
+    torch.manual_seed(0)
+    target, pred = torch.randn(40, 8), torch.randn(40, 8)
+    a, b = nla.fve_stats(pred[:15], target[:15]), nla.fve_stats(pred[15:], target[15:])
+    assert nla.fve_from_stats(a[0] + b[0], a[1] + b[1], a[2] + b[2]) == pytest.approx(nla.fve(pred, target))
+
+
+def test_extract_explanation():
+    assert nla.extract_explanation("x <explanation> a\nb </explanation> <explanation>c</explanation>") == "a\nb"
+    assert nla.extract_explanation("<explanation>never closed") is None
+    assert nla.extract_explanation("") is None
+
+
+def test_av_save_load_bit_identical(tiny_dir, tmp_path):
+    """A reloaded AV, including an adapter merged into its base before, gives bit-identical logits."""
+    model = lm_with_lora(tiny_dir['llama'])
+    randomize_lora(model, 1)
+    merged = [nla.trainable_state(model)]
+    nla.merge_lora_(model)
+    randomize_lora(model, 2)
+    nla.save_av(model, tmp_path / 'av.safetensors', merged, {'lora_rank': 4})
+    fresh = lm_with_lora(tiny_dir['llama'])
+    back = nla.load_av(fresh, tmp_path / 'av.safetensors')
+    ids = torch.randint(0, 300, (2, 12))
+    assert torch.equal(model(ids).logits, fresh(ids).logits)
+    assert len(back) == 1 and nla.read_meta(tmp_path / 'av.safetensors') == {'lora_rank': 4}
+
+
+def test_ar_save_load_bit_identical(tiny_dir, tmp_path):
+    torch.manual_seed(0)
+    ar = nla.load_reconstructor(tiny_dir['qwen3'], 1, 'float32')
+    with torch.no_grad():
+        for p in ar.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.01)
+    nla.save_weights(tmp_path / 'ar.safetensors', nla.trainable_state(ar))
+    fresh = nla.load_reconstructor(tiny_dir['qwen3'], 1, 'float32')
+    nla.load_trainable(fresh, load_file(tmp_path / 'ar.safetensors'), 'ar')
+    tok = nla.load_tokenizer(tiny_dir['qwen3'])
+    ids, mask = nla.ar_inputs(tok, ['one text', 'and another'], 32, 'cpu')
+    assert torch.equal(ar(ids, mask), fresh(ids, mask))
+
+
+def test_load_trainable_refuses_other_shapes(tiny_dir):
+    ar = nla.load_reconstructor(tiny_dir['llama'], 1, 'float32', lora_rank=4)
+    other = nla.trainable_state(nla.load_reconstructor(tiny_dir['llama'], 1, 'float32', lora_rank=2))
+    with pytest.raises(ValueError, match='shape'):
+        nla.load_trainable(ar, other, 'ar.safetensors')
+    with pytest.raises(ValueError, match='do not fit'):
+        nla.load_trainable(ar, {'head.weight': torch.eye(64)}, 'ar.safetensors')

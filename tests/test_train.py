@@ -1,0 +1,180 @@
+"""train.py: the stages end to end on the tiny model, the GRPO arithmetic, resume and refusals."""
+import json
+import math
+import os
+import shutil
+import statistics
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import nla
+import train
+from conftest import read_log, run_script
+
+RL_ARGS = ['--stage=rl', '--max_new_tokens=64', '--length_slack=8', '--min_lr_frac=1.0', '--lr=1e-3', '--ar_lr=1e-3']
+
+
+def base_args(tiny_dir, tiny_data):
+    return ['config/tiny.py', f'--base_model={tiny_dir["llama"]}', f'--data_dir={tiny_data}']
+
+
+def test_sft_av_loss_falls(sft_runs):
+    evals = read_log(sft_runs['av'], 'eval')
+    assert evals[-1]['val_loss'] < evals[0]['val_loss'] - 2, evals
+
+
+def test_sft_ar_reaches_clearly_positive_fve(sft_runs):
+    """The AR warm start explains the held-out activations from the teacher's text; shuffled does not."""
+    last = read_log(sft_runs['ar'], 'eval')[-1]
+    assert last['step'] == 300 and last['fve'] > 0.5 and last['fve_shuffled'] < 0, last
+    assert read_log(sft_runs['ar_context'], 'eval')[-1]['fve'] > read_log(sft_runs['ar_context'], 'eval')[0]['fve']
+
+
+def test_rl_then_eval_end_to_end(tiny_dir, tiny_data, sft_runs, tmp_path):
+    out = tmp_path / 'rl'
+    run_script('train.py', *base_args(tiny_dir, tiny_data), *RL_ARGS, f'--out_dir={out}', '--max_steps=3',
+               f'--init_av={sft_runs["av"]}', f'--init_ar={sft_runs["ar"]}', '--eval_interval=3')
+    steps = read_log(out, 'rl')
+    assert [r['step'] for r in steps] == [1, 2, 3]
+    for key in ('reward', 'reward_std', 'fve', 'extraction_rate', 'truncation_rate', 'mean_len', 'kl', 'entropy',
+                'av_grad_norm', 'ar_grad_norm', 'lr', 'ar_lr', 'zero_adv_frac', 't_gen', 't_score', 't_av', 't_ar',
+                'rollout_tok_s'):
+        assert key in steps[0] and math.isfinite(steps[0][key]), key
+    assert any(r['extraction_rate'] > 0 for r in steps) and steps[0]['kl'] == pytest.approx(0, abs=1e-6)
+    assert [r['step'] for r in read_log(out, 'eval')] == [0, 3]
+    assert {'config.json', 'ckpt.pt', 'av.safetensors', 'ar.safetensors', 'log.jsonl'} <= set(os.listdir(out))
+    assert {k.split('.')[0] for k in load_file(out / 'av.safetensors')} == {'adapter0', 'adapter1'}
+
+    ev = tmp_path / 'eval'
+    p = run_script('train.py', *base_args(tiny_dir, tiny_data), '--stage=eval', f'--out_dir={ev}', f'--init_av={out}',
+                   f'--init_ar={out}', f'--context_ar={sft_runs["ar_context"]}')
+    record = read_log(ev)[-1]
+    for key in ('fve', 'fve_shuffled', 'fve_teacher', 'fve_context', 'extraction_rate', 'mean_len'):
+        assert math.isfinite(record[key]), key
+    assert record['fve_context'] > record['fve_shuffled'] and '->' in p.stdout
+
+
+def test_resume_ends_in_the_same_state(tiny_dir, tiny_data, sft_runs, tmp_path):
+    """4 steps straight == 2 steps, stop, resume to 4: same weights bit for bit (and they did move)."""
+    common = [*base_args(tiny_dir, tiny_data), *RL_ARGS, f'--init_av={sft_runs["av"]}', f'--init_ar={sft_runs["ar"]}',
+              '--eval_interval=100', '--ckpt_interval=100']
+    run_script('train.py', *common, f'--out_dir={tmp_path / "a"}', '--max_steps=4')
+    run_script('train.py', *common, f'--out_dir={tmp_path / "b"}', '--max_steps=2')
+    run_script('train.py', *common, f'--out_dir={tmp_path / "b"}', '--max_steps=4', '--resume=True')
+    for name in ('av.safetensors', 'ar.safetensors'):
+        a, b = load_file(tmp_path / 'a' / name), load_file(tmp_path / 'b' / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    init = load_file(os.path.join(sft_runs['ar'], 'ar.safetensors'))
+    assert not torch.equal(init['head.weight'], load_file(tmp_path / 'a' / 'ar.safetensors')['head.weight'])
+    assert [r['step'] for r in read_log(tmp_path / 'b', 'rl')] == [1, 2, 3, 4]
+
+
+def test_refuses_another_runs_out_dir(tiny_dir, tiny_data, sft_runs):
+    p = run_script('train.py', *base_args(tiny_dir, tiny_data), '--stage=sft_ar', f'--out_dir={sft_runs["ar"]}', ok=False)
+    assert 'holds another run' in p.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize('edit, message', [({'d_model': 32}, 'd_model 32'), ({'marker_id': 5}, 'marker'),
+                                           ({'layer': 9}, 'layer 9')])
+def test_refuses_data_made_for_another_model(tiny_dir, tiny_data, tmp_path, edit, message):
+    data = tmp_path / 'data'
+    shutil.copytree(tiny_data, data)
+    meta = json.loads((data / 'meta.json').read_text())
+    (data / 'meta.json').write_text(json.dumps({**meta, **edit}))
+    p = run_script('train.py', 'config/tiny.py', f'--base_model={tiny_dir["llama"]}', f'--data_dir={data}',
+                   '--stage=sft_av', f'--out_dir={tmp_path / "out"}', ok=False)
+    last = p.stderr.strip().splitlines()[-1]
+    assert 'was made for' in last and message in last
+    assert not (tmp_path / 'out' / 'ckpt.pt').exists()
+
+
+def test_non_finite_steps_stop_the_run(tiny_dir, tiny_data, tmp_path):
+    """A learning rate of 1e30 blows the AR up after one step; the next three are skipped, then the run stops."""
+    p = run_script('train.py', *base_args(tiny_dir, tiny_data), '--ar_lr=1e30', '--stage=sft_ar', '--max_steps=10',
+                   f'--out_dir={tmp_path / "out"}', ok=False)
+    assert '3 steps in a row had a non-finite loss or gradient' in p.stderr.strip().splitlines()[-1]
+
+# -----------------------------------------------------------------------------
+# the arithmetic, against hand computations
+
+
+def test_advantages_by_hand():
+    rewards = torch.tensor([1.0, 2.0, 3.0, -2.0, -2.0, -2.0])
+    adv = train.advantages(rewards, 3)
+    sd = statistics.stdev([1, 2, 3])
+    assert adv[:3].tolist() == pytest.approx([-1 / (sd + 1e-6), 0, 1 / (sd + 1e-6)])
+    assert adv[3:].tolist() == [0, 0, 0]
+
+
+def test_policy_loss_by_hand():
+    logp = torch.tensor([[-1.0, -2.0, -9.0], [-0.5, -0.5, -0.5]])
+    ref = torch.tensor([[-1.5, -2.0, 0.0], [-0.5, -1.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    adv = torch.tensor([2.0, -1.0])
+    loss, kl = train.policy_loss(logp, ref, adv, mask, kl_coef=0.1, logratio_clamp=10.0)
+    k3 = lambda r: math.exp(r) - r - 1
+    want0 = ((-2 * -1.0 + 0.1 * k3(-0.5)) + (-2 * -2.0 + 0.1 * k3(0.0))) / 2
+    want1 = ((1 * -0.5 + 0.1 * k3(0.0)) + (1 * -0.5 + 0.1 * k3(-0.5)) + (1 * -0.5 + 0.1 * k3(0.5))) / 3
+    assert loss.tolist() == pytest.approx([want0, want1])
+    assert kl.tolist() == pytest.approx([k3(-0.5) / 2, (k3(-0.5) + k3(0.5)) / 3])
+
+
+def test_k3_is_zero_when_policy_equals_reference():
+    logp = torch.randn(4, 7)
+    loss, kl = train.policy_loss(logp, logp.clone(), torch.zeros(4), torch.ones(4, 7), 1.0, 10.0)
+    assert torch.equal(kl, torch.zeros(4)) and torch.equal(loss, torch.zeros(4))
+
+
+def test_policy_gradient_direction():
+    """A positive advantage raises the sampled tokens' log-probability."""
+    logits = torch.zeros(1, 3, 5, requires_grad=True)
+    ids = torch.tensor([[1, 2, 3]])
+    logp = logits.log_softmax(-1).gather(-1, ids[..., None])[..., 0]
+    loss, _ = train.policy_loss(logp, logp.detach(), torch.tensor([1.0]), torch.ones(1, 3), 0.1, 10.0)
+    loss.sum().backward()
+    assert (logits.grad[0, torch.arange(3), ids[0]] < 0).all()
+
+
+def test_reward_floor_and_length_penalty(tiny_dir, monkeypatch):
+    monkeypatch.setattr(train, 'max_new_tokens', 20)
+    monkeypatch.setattr(train, 'length_slack', 5)
+    monkeypatch.setattr(train, 'length_penalty', 0.1)
+    ar = nla.load_reconstructor(tiny_dir['llama'], 1, 'float32')
+    tok = nla.load_tokenizer(tiny_dir['llama'])
+    texts = ['no tags at all', '<explanation>cut off</explanation>', '<explanation>short</explanation>',
+             '<explanation>long</explanation>']
+    truncated = torch.tensor([False, True, False, False])
+    lengths = torch.tensor([10, 20, 10, 18])
+    acts = torch.randn(4, 64)
+    rewards, valid, _, preds = train.score(ar, tok, texts, truncated, lengths, acts, 'cpu')
+    assert rewards[:2].tolist() == [nla.FAIL_REWARD, nla.FAIL_REWARD]
+    assert valid.tolist() == [False, False, True, True]
+    want = nla.reward(preds, acts[2:]) - torch.tensor([0.0, 0.1 * 3])
+    torch.testing.assert_close(rewards[2:], want)
+
+
+def test_take_rows_is_a_seeded_stream():
+    a, c1 = train.take_rows(0, 7, 10)
+    b, c2 = train.take_rows(c1, 7, 10)
+    assert (c1, c2) == (7, 14) and sorted(a + b[:3]) == list(range(10))  # epoch 0 whole, then epoch 1
+    assert train.take_rows(7, 7, 10)[0] == b
+
+
+def test_lr_schedule(monkeypatch):
+    monkeypatch.setattr(train, 'warmup_steps', 10)
+    monkeypatch.setattr(train, 'min_lr_frac', 0.1)
+    assert train.lr_at(0, 1.0, 100) == pytest.approx(0.1)
+    assert train.lr_at(10, 1.0, 100) == pytest.approx(1.0)
+    assert train.lr_at(100, 1.0, 100) == pytest.approx(0.1)
+    monkeypatch.setattr(train, 'min_lr_frac', 1.0)
+    assert train.lr_at(60, 1.0, 100) == pytest.approx(1.0)
+
+
+def test_optimizer_step_skips_non_finite_gradients():
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([w], lr=0.1)
+    w.grad = torch.tensor([1.0, float('nan'), 0.0])
+    norm, ok = train.optimizer_step([w], opt, 0.1)
+    assert not ok and torch.equal(w.data, torch.ones(3)) and w.grad is None
