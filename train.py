@@ -416,9 +416,21 @@ def evaluate(av, ar, ctx_ar, tokenizer, prompt, alpha, val, end_ids, dev, step):
 # checkpoints and logs
 
 
+def check_ranks_agree(run, dev):
+    """Every rank must hold the same trainable weights; a difference means a bug, caught here."""
+    models = [m for m, opt in ((run.av, run.av_opt), (run.ar, run.ar_opt)) if opt is not None]
+    local = torch.stack([torch.stack([p.detach().double().sum() for p in trainable(m)]).sum() for m in models]).to(dev)
+    every = [torch.zeros_like(local) for _ in range(ddp_world_size)]
+    dist.all_gather(every, local)
+    if not all(torch.equal(every[0], e) for e in every):
+        fail(f"ranks hold different weights at step {run.step}: {[e.tolist() for e in every]}")
+
+
 def save_checkpoint(run):
     """Trainable weights as safetensors (what a later stage's init_av/init_ar reads) and ckpt.pt with
     everything a resume needs. Master only; each file is written to a temporary name, then renamed."""
+    if ddp:
+        check_ranks_agree(run, run.dev)
     if not master_process:
         return
     meta = {'stage': stage, 'step': run.step, 'base_model': base_model, 'layer': run.meta['layer']}

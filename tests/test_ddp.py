@@ -1,0 +1,58 @@
+"""Data parallelism: torchrun --nproc_per_node=2 on the CPU (gloo) against one process over the same
+global batch. Each rank checks at every checkpoint that all ranks hold the same weights."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, read_log, run_script
+
+
+def torchrun(*args, ok=True):
+    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        os.path.join(ROOT, 'train.py'), *map(str, args)], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    if ok and p.returncode != 0:
+        raise AssertionError(f"torchrun failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def assert_same_weights(a, b, name):
+    a, b = load_file(os.path.join(a, name)), load_file(os.path.join(b, name))
+    assert a.keys() == b.keys()
+    for k in a:
+        # Adam divides by sqrt(v): where a gradient is ~0, float noise of the two reduction orders
+        # moves a weight by up to ~lr * 1e-2; a real mismatch moves many weights by ~lr
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4, msg=f"{name}: {k}")
+
+
+def common(tiny_dir, tiny_data):
+    # gen_batch_size = micro_batch = one rank's share, so both layouts make the same chunks and seeds
+    return ['config/tiny.py', f'--base_model={tiny_dir["llama"]}', f'--data_dir={tiny_data}', '--micro_batch=8',
+            '--gen_batch_size=8', '--ckpt_interval=1', '--eval_interval=100', '--max_new_tokens=64', '--length_slack=8']
+
+
+@pytest.mark.parametrize('stage, weights', [('sft_av', ['av.safetensors']), ('sft_ar', ['ar.safetensors']),
+                                            ('rl', ['av.safetensors', 'ar.safetensors'])])
+def test_two_ranks_equal_one_process(tiny_dir, tiny_data, sft_runs, tmp_path, stage, weights):
+    args = [*common(tiny_dir, tiny_data), f'--stage={stage}', '--max_steps=2', '--lr=3e-3', '--ar_lr=3e-3']
+    if stage == 'rl':
+        args += [f'--init_av={sft_runs["av"]}', f'--init_ar={sft_runs["ar"]}']
+    run_script('train.py', *args, f'--out_dir={tmp_path / "one"}')
+    torchrun(*args, f'--out_dir={tmp_path / "two"}')
+    for name in weights:
+        assert_same_weights(tmp_path / 'one', tmp_path / 'two', name)
+    one, two = read_log(tmp_path / 'one', stage), read_log(tmp_path / 'two', stage)
+    key = 'reward' if stage == 'rl' else 'loss'
+    assert [r[key] for r in one] == pytest.approx([r[key] for r in two], abs=1e-4)  # logged metrics are global
+    init = load_file(os.path.join(sft_runs['ar'], 'ar.safetensors')) if stage == 'rl' else None
+    if init is not None:  # the step really moved the AR
+        assert not torch.equal(init['head.weight'], load_file(tmp_path / 'two' / 'ar.safetensors')['head.weight'])
+
+
+def test_batch_must_divide_by_ranks(tiny_dir, tiny_data, tmp_path):
+    p = torchrun(*common(tiny_dir, tiny_data), '--stage=sft_ar', '--batch_size=15', f'--out_dir={tmp_path}', ok=False)
+    assert p.returncode != 0 and 'batch_size=15 must divide by the number of ranks, 2' in p.stderr
