@@ -474,8 +474,9 @@ def log(run, record):
     """One JSON line in log.jsonl, mirrored to wandb (a no-op unless wandb_log). Master only."""
     if not master_process:
         return
+    record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}  # strict JSON
     with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
-        f.write(json.dumps(record) + '\n')
+        f.write(json.dumps(record, allow_nan=False) + '\n')
     run.wandb_log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record['step'])
 
 

@@ -54,7 +54,8 @@ def make_tokenizer(path):
 
 
 def make_model(path, family, tok, layers=4):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM)
     torch.manual_seed(0)
     common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
@@ -62,8 +63,10 @@ def make_model(path, family, tok, layers=4):
                   bos_token_id=None)
     if family == 'llama':
         model = LlamaForCausalLM(LlamaConfig(**common))
-    else:
+    elif family == 'qwen3':
         model = Qwen3ForCausalLM(Qwen3Config(head_dim=16, **common))
+    else:  # sliding-window layers: the AR's truncated config must keep them right
+        model = Gemma3ForCausalLM(Gemma3TextConfig(head_dim=16, sliding_window=8, **common))
     with torch.no_grad():  # a random head (tied to the embedding) is too small for confident logits: LoRA could not learn a format
         model.get_input_embeddings().weight.mul_(10)
     model.generation_config.eos_token_id = tok.eos_token_id
@@ -74,10 +77,10 @@ def make_model(path, family, tok, layers=4):
 
 @pytest.fixture(scope='session')
 def tiny_dir(tmp_path_factory):
-    """{'llama': folder, 'qwen3': folder, 'corpus': parquet}: tiny random models with the test tokenizer."""
+    """{'llama', 'qwen3', 'gemma3': model folders, 'corpus': parquet}: tiny random models with the test tokenizer."""
     root = tmp_path_factory.mktemp('tiny')
     tok = make_tokenizer(str(root / 'tok'))
-    out = {f: make_model(str(root / f), f, tok) for f in ('llama', 'qwen3')}
+    out = {f: make_model(str(root / f), f, tok) for f in ('llama', 'qwen3', 'gemma3')}
     out['corpus'] = str(root / 'corpus.parquet')
     pq.write_table(pa.table({'text': synthetic_docs(60)}), out['corpus'])
     return out

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 import nla
 
 
-@pytest.fixture(params=['llama', 'qwen3'])
+@pytest.fixture(params=['llama', 'qwen3', 'gemma3'])
 def family(request):
     return request.param
 
