@@ -108,7 +108,9 @@ def end_token_ids(model, tokenizer):
 
 class LoRALinear(nn.Module):
     """y = W x + s * B A x with W frozen; B = 0 at the start so a fresh adapter is exactly the base.
-    A and B are kept in fp32 (they are what the optimizer updates) and cast to x's dtype in forward."""
+    A and B are kept in fp32 (they are what the optimizer updates) and cast to x's dtype in forward.
+    Adapters frozen by freeze_lora_ stay low-rank beside W (ref_B @ ref_A, scale folded in), never
+    merged into a bf16 W, where small updates would round away."""
 
     def __init__(self, base, rank, alpha, rslora=False):
         super().__init__()
@@ -117,6 +119,8 @@ class LoRALinear(nn.Module):
         self.scale = alpha / math.sqrt(rank) if rslora else alpha / rank
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
         self.lora_B = nn.Parameter(torch.empty(base.out_features, rank, device=base.weight.device))
+        self.register_buffer('ref_A', None)
+        self.register_buffer('ref_B', None)
         self.enabled = True
         self.reset_adapter()
 
@@ -126,15 +130,20 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         y = self.base(x)
+        if self.ref_A is not None:
+            y = y + F.linear(F.linear(x, self.ref_A.to(x.dtype)), self.ref_B.to(x.dtype))
         if not self.enabled:
             return y
         return y + self.scale * F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
 
     @torch.no_grad()
     def merged_weight(self):
-        """W + s * B A, out of place, in fp32, cast to W's dtype. W itself is never changed."""
+        """W + frozen adapters + s * B A, out of place, in fp32, cast to W's dtype. W itself is never changed."""
         w = self.base.weight
-        return (w.float() + self.scale * (self.lora_B.float() @ self.lora_A.float())).to(w.dtype)
+        delta = self.scale * (self.lora_B.float() @ self.lora_A.float())
+        if self.ref_A is not None:
+            delta += self.ref_B.float() @ self.ref_A.float()
+        return (w.float() + delta).to(w.dtype)
 
 
 def add_lora(module, rank, alpha, rslora=False):
@@ -154,7 +163,7 @@ def lora_layers(module):
 
 @contextmanager
 def lora_disabled(module):
-    """The base model (or, after merge_lora_, the reference policy) inside the block."""
+    """The live adapters off: the base model, or after freeze_lora_ the frozen (reference) policy."""
     layers = [m for _, m in lora_layers(module)]
     for m in layers:
         m.enabled = False
@@ -166,11 +175,13 @@ def lora_disabled(module):
 
 
 @torch.no_grad()
-def merge_lora_(module):
-    """Fold the live adapters into the base weights and start fresh ones (B = 0). GRPO does this to
-    the SFT verbalizer, so that `lora_disabled` is the SFT policy: the KL reference."""
+def freeze_lora_(module):
+    """Freeze the live adapters (appended to the frozen low-rank stack) and start fresh ones (B = 0).
+    GRPO does this to the SFT verbalizer, so that `lora_disabled` is the SFT policy: the KL reference."""
     for _, m in lora_layers(module):
-        m.base.weight.copy_(m.merged_weight())
+        a, b = m.scale * m.lora_A.detach().float(), m.lora_B.detach().float().clone()  # reset_adapter zeroes B in place
+        m.ref_A = a if m.ref_A is None else torch.cat([m.ref_A, a])
+        m.ref_B = b if m.ref_B is None else torch.cat([m.ref_B, b], 1)
         m.reset_adapter()
 
 # -----------------------------------------------------------------------------
@@ -220,11 +231,13 @@ def extract_explanation(text):
 
 
 class Reconstructor(nn.Module):
-    """Blocks 0..K of the LM (final norm = identity) -> last token -> normalise to sqrt(d) -> fp32 head."""
+    """Blocks 0..K of the LM (final norm = identity) -> last token -> normalise to sqrt(d) -> fp32 head.
+    The blocks run under autocast to `compute_dtype` when their weights are kept in fp32."""
 
-    def __init__(self, backbone):
+    def __init__(self, backbone, compute_dtype=torch.float32):
         super().__init__()
         self.backbone = backbone
+        self.compute_dtype = compute_dtype
         d = backbone.get_input_embeddings().weight.shape[1]
         self.head = nn.Linear(d, d, bias=False, device=backbone.device, dtype=torch.float32)
         with torch.no_grad():
@@ -232,7 +245,8 @@ class Reconstructor(nn.Module):
 
     def last_hidden(self, input_ids, attention_mask):
         """(B, d) output of block K at each row's last real token (rows are right-padded)."""
-        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, d)
+        with torch.autocast(input_ids.device.type, self.compute_dtype, enabled=self.compute_dtype != torch.float32):
+            h = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, d)
         last = attention_mask.sum(1) - 1
         return h[torch.arange(h.shape[0], device=h.device), last]
 
@@ -258,8 +272,10 @@ def ar_inputs(tokenizer, texts, max_text_tokens, device):
 
 def load_reconstructor(name, layer, dtype='bfloat16', device='cpu', lora_rank=0, lora_alpha=1.0, rslora=False):
     """The AR for activations of block `layer`; trainable in full (lora_rank=0: blocks and head; the
-    embedding stays frozen) or as LoRA on the blocks plus the head."""
-    ar = Reconstructor(load_backbone(name, layer + 1, dtype, device))
+    embedding stays frozen) or as LoRA on the blocks plus the head. Trained in full, its weights are
+    kept in fp32 and run under autocast: AdamW updates of bf16 weights mostly round away."""
+    weights_dtype = dtype if lora_rank else 'float32'
+    ar = Reconstructor(load_backbone(name, layer + 1, weights_dtype, device), torch_dtype(dtype))
     if lora_rank:
         add_lora(ar.backbone, lora_rank, lora_alpha, rslora)
     else:
@@ -337,22 +353,22 @@ def load_trainable(module, tensors, what):
             p.copy_(tensors[n])
 
 
-def save_av(model, path, merged, meta=None):
-    """The live adapter, plus every adapter merged into the base before it (`merged`, oldest first),
-    so one file rebuilds the whole verbalizer from the base model."""
-    tensors = {f"adapter{i}.{n}": t for i, state in enumerate(merged + [trainable_state(model)]) for n, t in state.items()}
+def save_av(model, path, frozen, meta=None):
+    """The live adapter, plus every adapter frozen before it (`frozen`, oldest first), so one file
+    rebuilds the whole verbalizer from the base model."""
+    tensors = {f"adapter{i}.{n}": t for i, state in enumerate(frozen + [trainable_state(model)]) for n, t in state.items()}
     save_weights(path, tensors, meta)
 
 
 def load_av(model, path):
-    """Load a save_av file into a model with fresh LoRA: merges the earlier adapters, loads the live
-    one, and returns the merged states (pass them back to save_av)."""
+    """Load a save_av file into a model with fresh LoRA: freezes the earlier adapters, loads the live
+    one, and returns the frozen states (pass them back to save_av)."""
     tensors = load_file(path)
     n = 1 + max(int(k.split('.', 1)[0][len('adapter'):]) for k in tensors)
     states = [{k.split('.', 1)[1]: t for k, t in tensors.items() if k.startswith(f"adapter{i}.")} for i in range(n)]
     for state in states[:-1]:
         load_trainable(model, state, path)
-        merge_lora_(model)
+        freeze_lora_(model)
     load_trainable(model, states[-1], path)
     return states[:-1]
 

@@ -12,8 +12,8 @@ Train a Natural Language Autoencoder: SFT warm starts of the verbalizer (AV) and
 GRPO here is on-policy: one optimizer step per batch of rollouts, so there is no PPO ratio or clip
 and no value function. The AV's reward is -mse of the AR's reconstruction (the AR as it was before
 this step's update), -2 for a rollout with no explanation or that hit the length cap. The KL is k3
-to the SFT verbalizer, whose LoRA is merged into the base weights at the start of RL, so "adapter
-off" is the reference. Data parallelism is by hand: every rank holds both models, takes a slice of
+to the SFT verbalizer, whose LoRA is frozen beside the base weights at the start of RL (a fresh one
+is trained on top), so "adapter off" is the reference. Data parallelism is by hand: every rank holds both models, takes a slice of
 each batch, and sums gradients in flat buckets before clipping.
 """
 import json
@@ -79,8 +79,10 @@ logratio_clamp = 10.0  # |log pi_ref - log pi| is clamped before k3
 temperature = 1.0  # the loss assumes sampling from the true policy: keep 1.0 / 1.0 / 0
 top_p = 1.0
 top_k = 0
-gen_batch_size = 512  # rollouts per generate call
-rollout = 'hf'  # 'hf': transformers' generate
+gen_batch_size = 512  # rollouts per generate call (HF)
+rollout = 'hf'  # 'hf': transformers' generate; 'vllm': one vLLM engine per rank, fed prompt_embeds
+vllm_gpu_memory = 0.3  # share of the GPU the engine may take (its weights and KV cache); the trainer has the rest
+max_logprob_diff = 0.5  # rollouts whose mean |logp_vllm - logp_trainer| is above this are left out of the loss
 # evaluation and checkpoints
 eval_interval = 50  # steps; also at step 0 and at the last step
 eval_rows = 256  # val rows evaluated
@@ -169,20 +171,20 @@ def rank_slice(idx):
 
 
 def build_av(init, tokenizer, dev):
-    """The verbalizer: base LM + LoRA, from init/av.safetensors when given. Returns (model, merged)."""
+    """The verbalizer: base LM + LoRA, from init/av.safetensors when given. Returns (model, frozen adapters, meta)."""
     av = nla.load_lm(base_model, dtype, dev)
     path = os.path.join(init, 'av.safetensors') if init else ''
     if init and not os.path.isfile(path):
         fail(f"{path} not found")
     meta = nla.read_meta(path) if init else {'lora_rank': lora_rank, 'lora_alpha': lora_alpha, 'rslora': rslora}
     nla.add_lora(av, meta['lora_rank'], meta['lora_alpha'], meta['rslora'])
-    merged = nla.load_av(av, path) if init else []
+    frozen = nla.load_av(av, path) if init else []
     av.generation_config = GenerationConfig(  # ours alone: no sampling defaults of the model's leak in
         do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
         eos_token_id=nla.end_token_ids(av, tokenizer), pad_token_id=tokenizer.pad_token_id)
     if gradient_checkpointing:
         av.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
-    return av, merged, meta
+    return av, frozen, meta
 
 
 def build_ar(init, layer, dev):
@@ -267,7 +269,8 @@ def response_logprobs(av, prompt_embeds, resp_ids, resp_mask):
     logits = av(inputs_embeds=x, attention_mask=mask, logits_to_keep=T + 1).logits[:, :-1].float()  # (N, T, V)
     logp = logits.log_softmax(-1)
     token_logp = logp.gather(-1, resp_ids.unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp.exp() * logp).sum(-1).detach()
+    with torch.no_grad():
+        entropy = -(logp.exp() * logp).sum(-1)
     return token_logp, entropy
 
 
@@ -318,6 +321,66 @@ def rollouts(av, prompt_embeds, n_per_prompt, end_ids, pad_id, seed_key, first_r
     mask = (torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]).long()
     return ids, mask, lengths, ~has_end
 
+# -----------------------------------------------------------------------------
+# vLLM: written against vllm==0.26.0 (which pins torch 2.11). Stock vLLM serves the verbalizer because the
+# activation replaces an input embedding: prompts go in as prompt_embeds, built by nla.inject like the HF path's.
+VLLM_VERSION = '0.26.0'
+
+
+def engine_args(prompt_len, dev):
+    """The vllm.LLM arguments of this run's engine."""
+    return dict(model=base_model, tokenizer=base_model, dtype=dtype, seed=seed + ddp_rank, device=dev,
+                enable_prompt_embeds=True,
+                enable_prefix_caching=False,  # not shown safe for prompts given as embeddings
+                gpu_memory_utilization=vllm_gpu_memory, max_model_len=prompt_len + max_new_tokens,
+                # under torchrun every rank runs its own single-GPU engine inside the trainer process
+                distributed_executor_backend='external_launcher' if ddp else None)
+
+
+def start_engine(prompt_len, dev):
+    # in-process engine core: the weight push hands it GPU tensors directly, with no copy and no pickling
+    os.environ['VLLM_ENABLE_V1_MULTIPROCESSING'] = '0'
+    os.environ.setdefault('VLLM_USE_FLASHINFER_SAMPLER', '0')
+    import vllm
+    if vllm.__version__ != VLLM_VERSION:
+        fail(f"rollout='vllm' was written against vllm=={VLLM_VERSION}, this is {vllm.__version__}")
+    return vllm.LLM(**engine_args(prompt_len, dev))
+
+
+def engine_weights(av):
+    """(HF name, W + s*B*A in the model dtype) for every LoRA-adapted Linear: the only weights that differ
+    from the base checkpoint the engine loaded. Its load_weights maps q/k/v and gate/up into its fused layers."""
+    return [(f"{name}.weight", m.merged_weight()) for name, m in nla.lora_layers(av)]
+
+
+def push_weights(engine, av):
+    """GPU -> GPU: the merged weights go to the engine's model as tensors on this device."""
+    weights = engine_weights(av)
+    engine.apply_model(lambda model: model.load_weights(weights))
+
+
+def vllm_rollouts(engine, prompt_embeds, n_per_prompt, end_ids, pad_id, seed_key, first_row):
+    """rollouts() on the engine, sampling exactly as the HF path (T = 1, top_p 1, top_k off), each prompt
+    seeded from (seed, seed_key, its first row). Also returns the sampler's log-probs (N, T)."""
+    from vllm import SamplingParams
+    prompts = [{'prompt_embeds': e.detach().to('cpu').contiguous()} for e in prompt_embeds]  # (P, d), model dtype
+    params = [SamplingParams(n=n_per_prompt, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=max_new_tokens,
+                             stop_token_ids=end_ids, logprobs=0, detokenize=False,
+                             seed=int(np.random.SeedSequence([seed, *seed_key, first_row + i * n_per_prompt]).generate_state(1)[0]))
+              for i in range(len(prompts))]
+    samples = [c for out in engine.generate(prompts, params, use_tqdm=False) for c in out.outputs]
+    N, dev = len(samples), prompt_embeds.device
+    ids = torch.full((N, max_new_tokens), pad_id, dtype=torch.long)
+    logp = torch.zeros(N, max_new_tokens)
+    for i, c in enumerate(samples):
+        ids[i, :len(c.token_ids)] = torch.tensor(c.token_ids)
+        logp[i, :len(c.token_ids)] = torch.tensor([lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)])
+    is_end = torch.isin(ids, torch.tensor(end_ids))
+    has_end = is_end.any(1)
+    lengths = torch.where(has_end, is_end.int().argmax(1) + 1, max_new_tokens)
+    mask = (torch.arange(max_new_tokens)[None] < lengths[:, None]).long()
+    return ids.to(dev), mask.to(dev), lengths.to(dev), (~has_end).to(dev), logp.to(dev)
+
 
 @torch.no_grad()
 def score(ar, tokenizer, texts, truncated, lengths, acts, dev):
@@ -356,7 +419,7 @@ def ar_step(ar, tokenizer, texts, acts, opt, lr_now, dev):
     if n_global == 0:
         return float('nan'), float('nan'), True
     loss_sum = 0.0
-    ar.train()
+    ar.train(gradient_checkpointing)
     for i in range(0, len(texts), micro_batch):
         ids, mask = nla.ar_inputs(tokenizer, texts[i:i + micro_batch], ar_max_tokens, dev)
         loss = nla.mse(ar(ids, mask), acts[i:i + micro_batch]).sum() / n_global
@@ -369,17 +432,25 @@ def ar_step(ar, tokenizer, texts, acts, opt, lr_now, dev):
 # evaluation
 
 
-def evaluate(av, ar, ctx_ar, tokenizer, prompt, alpha, val, end_ids, dev, step):
+def eval_shard(n_val):
+    """This rank's contiguous share of the first eval_rows val rows, equal on every rank."""
+    per_rank = min(eval_rows, n_val) // ddp_world_size
+    if per_rank == 0:
+        fail(f"eval_rows={eval_rows} and a val split of {n_val} rows leave nothing for {ddp_world_size} ranks")
+    return list(range(ddp_rank * per_rank, (ddp_rank + 1) * per_rank))
+
+
+def evaluate(run, ar, ctx_ar, tokenizer, prompt, alpha, val, end_ids, dev, step):
     """Round-trip FVE on the val split (document-disjoint from training), with the shuffled control,
     the AR on the teacher's explanations and, given a context AR, the context ceiling. Rows are
     sharded over ranks and gathered."""
-    av.eval()
+    run.av.eval()
     ar.eval()
-    rows = list(range(min(eval_rows, len(val['acts']))))[ddp_rank::ddp_world_size]
+    rows = eval_shard(len(val['acts']))
     acts = val['acts'][rows].to(dev)
     with torch.no_grad():
-        embeds = nla.inject(av, prompt[0], prompt[1], acts, alpha)
-        ids, _, lengths, _ = rollouts(av, embeds, 1, end_ids, tokenizer.pad_token_id, (1, step), ddp_rank * len(rows))
+        embeds = nla.inject(run.av, prompt[0], prompt[1], acts, alpha)
+        ids, _, lengths, _, _ = run.sample(embeds, 1, end_ids, tokenizer.pad_token_id, (1, step), rows[0])
         texts = decode(tokenizer, ids, lengths)
         lengths = lengths.tolist()
         explanations = [nla.extract_explanation(t) for t in texts]
@@ -435,7 +506,7 @@ def save_checkpoint(run):
         return
     meta = {'stage': stage, 'step': run.step, 'base_model': base_model, 'layer': run.meta['layer']}
     if run.av_opt is not None:
-        nla.save_av(run.av, os.path.join(out_dir, 'av.safetensors'), run.av_merged, {**run.av_meta, **meta})
+        nla.save_av(run.av, os.path.join(out_dir, 'av.safetensors'), run.av_frozen, {**run.av_meta, **meta})
     if run.ar_opt is not None:
         nla.save_weights(os.path.join(out_dir, 'ar.safetensors'), nla.trainable_state(run.ar), {**run.ar_meta, **meta})
     ckpt = {'step': run.step, 'cursor': run.cursor, 'bad_steps': run.bad_steps, 'skipped': run.skipped, 'config': run.config,
@@ -530,11 +601,18 @@ def ar_texts(data, rows, source):
     return [nla.extract_explanation(data['explanation'][r]) or '' for r in rows]
 
 
+def sft_steps(n_rows):
+    total = max_steps or epochs * n_rows // batch_size
+    if total == 0:
+        fail(f"{epochs} epoch(s) of {n_rows} rows make no step of batch_size={batch_size}: set max_steps or a smaller batch")
+    return total
+
+
 def sft_av(run):
     """The AV learns to write the warm-start explanation for the injected activation: cross-entropy
     on the response tokens (the end token included), prompt and padding masked."""
     train, val, dev, tok = load_split('av_sft', run.d), load_split('val', run.d), run.dev, run.tokenizer
-    total = max_steps or epochs * len(train['acts']) // batch_size
+    total = sft_steps(len(train['acts']))
 
     def targets(data, rows):
         return [tok.encode(data['explanation'][r], add_special_tokens=False) + [tok.eos_token_id] for r in rows]
@@ -555,7 +633,7 @@ def sft_av(run):
         idx, run.cursor = take_rows(run.cursor, batch_size, len(train['acts']))
         rows = rank_slice(idx)
         n_tokens = global_sum([sum(len(t) for t in targets(train, rows))], dev).item()
-        run.av.train()
+        run.av.train(gradient_checkpointing)  # HF checkpoints only in train mode; eval mode keeps dropout off
         loss = ce(train, rows, True, n_tokens)
         lr_now = lr_at(step, lr, total)
         norm, ok = optimizer_step(trainable(run.av), run.av_opt, lr_now)
@@ -563,7 +641,7 @@ def sft_av(run):
 
     @torch.no_grad()
     def evaluate_fn(step):
-        rows = rank_slice(list(range(min(eval_rows, len(val['acts'])) // ddp_world_size * ddp_world_size)))
+        rows = eval_shard(len(val['acts']))
         run.av.eval()
         n_tokens = global_sum([sum(len(t) for t in targets(val, rows))], dev).item()
         return {'stage': 'eval', 'step': step, 'val_loss': ce(val, rows, False, n_tokens)}, []
@@ -575,7 +653,7 @@ def sft_ar(run):
     """The AR learns text -> activation with the normalised MSE; ar_input='context' trains the
     context-ceiling control on the raw context instead of the explanation."""
     train, val, dev = load_split('ar_sft', run.d), load_split('val', run.d), run.dev
-    total = max_steps or epochs * len(train['acts']) // batch_size
+    total = sft_steps(len(train['acts']))
 
     def update(step):
         idx, run.cursor = take_rows(run.cursor, batch_size, len(train['acts']))
@@ -611,9 +689,10 @@ def rl(run):
         acts = data['acts'][rows].to(dev)
         run.av.eval()
         embeds = nla.inject(run.av, run.prompt_ids, run.marker_pos, acts, run.alpha)  # (B, P, d)
-        ids, mask, lengths, truncated = rollouts(run.av, embeds, group_size, run.end_ids, pad_id, (0, step),
-                                                ddp_rank * len(rows) * group_size)
-        ids, mask = ids[:, :int(lengths.max())], mask[:, :int(lengths.max())]
+        ids, mask, lengths, truncated, sampler_logp = run.sample(embeds, group_size, run.end_ids, pad_id, (0, step),
+                                                                 ddp_rank * len(rows) * group_size)
+        T = int(lengths.max())
+        ids, mask = ids[:, :T], mask[:, :T]
         texts = decode(tok, ids, lengths)
         t_gen = time.time()
         acts = acts.repeat_interleave(group_size, 0)  # (N, d)
@@ -624,18 +703,24 @@ def rl(run):
 
         n_global = len(texts) * ddp_world_size
         kl, entropy = torch.zeros(len(texts), device=dev), torch.zeros(len(texts), device=dev)
-        run.av.train()
+        logp_diff, kept = torch.zeros(len(texts), device=dev), torch.ones(len(texts), device=dev)
+        run.av.train(gradient_checkpointing)
         for i in range(0, len(texts), micro_batch):
             sl = slice(i, i + micro_batch)
             x = embeds.repeat_interleave(group_size, 0)[sl]
             with torch.no_grad(), nla.lora_disabled(run.av):
                 ref_logp, _ = response_logprobs(run.av, x, ids[sl], mask[sl])
             logp, ent = response_logprobs(run.av, x, ids[sl], mask[sl])
+            if sampler_logp is not None:  # the engine sampled from what the trainer thinks is the policy?
+                logp_diff[sl] = ((logp.detach() - sampler_logp[sl, :T]).abs() * mask[sl]).sum(1) / mask[sl].sum(1)
+                kept[sl] = (logp_diff[sl] <= max_logprob_diff).float()
             loss, kl[sl] = policy_loss(logp, ref_logp, adv[sl], mask[sl], kl_coef, logratio_clamp)
-            (loss.sum() / n_global).backward()
+            (loss * kept[sl]).sum().div(n_global).backward()
             entropy[sl] = (ent * mask[sl]).sum(1) / mask[sl].sum(1)
         lr_now = lr_at(step, lr, max_steps)
         av_norm, av_ok = optimizer_step(trainable(run.av), run.av_opt, lr_now)
+        if run.engine is not None:
+            push_weights(run.engine, run.av)
         t_av = time.time()
 
         vi = torch.nonzero(valid).flatten().tolist()
@@ -649,7 +734,7 @@ def rl(run):
         extracted = sum(e is not None for e in explanations)
         s = global_sum([rewards.sum(), rewards.pow(2).sum(), len(texts), n_valid, extracted, truncated.sum(),
                         lengths.sum(), kl.sum(), entropy.sum(), (groups.max(1).values - groups.min(1).values < 1e-8).sum(),
-                        groups.shape[0], err_sum, t_gen - t0], dev)
+                        groups.shape[0], err_sum, t_gen - t0, logp_diff.sum(), len(texts) - kept.sum()], dev)
         u_sum = global_sum(u_sum, dev)
         n = s[2].item()
         return {'ok': av_ok and ar_ok, 'reward': (s[0] / n).item(), 'reward_std': ((s[1] / n - (s[0] / n) ** 2).clamp(min=0).sqrt()).item(),
@@ -658,14 +743,15 @@ def rl(run):
                 'kl': (s[7] / n).item(), 'entropy': (s[8] / n).item(), 'zero_adv_frac': (s[9] / s[10]).item(),
                 'av_grad_norm': av_norm, 'ar_grad_norm': ar_norm, 'ar_loss': ar_loss, 'lr': lr_now, 'ar_lr': ar_lr_now,
                 't_gen': t_gen - t0, 't_score': t_score - t_gen, 't_av': t_av - t_score, 't_ar': t_ar - t_av,
-                'rollout_tok_s': s[6].item() / (s[12].item() / ddp_world_size)}
+                'rollout_tok_s': s[6].item() / (s[12].item() / ddp_world_size),
+                'sampler_logp_diff': (s[13] / n).item(), 'sampler_dropped': int(s[14].item())}
 
     run_loop(run, max_steps, update, lambda step: evaluate(
-        run.av, run.ar, run.ctx_ar, tok, (run.prompt_ids, run.marker_pos), run.alpha, val, run.end_ids, dev, step))
+        run, run.ar, run.ctx_ar, tok, (run.prompt_ids, run.marker_pos), run.alpha, val, run.end_ids, dev, step))
 
 
 def eval_stage(run):
-    record, examples = evaluate(run.av, run.ar, run.ctx_ar, run.tokenizer, (run.prompt_ids, run.marker_pos), run.alpha,
+    record, examples = evaluate(run, run.ar, run.ctx_ar, run.tokenizer, (run.prompt_ids, run.marker_pos), run.alpha,
                                 load_split('val', run.d), run.end_ids, run.dev, 0)
     print0(f"eval | {fmt(record)}")
     print_examples(examples)
@@ -680,8 +766,12 @@ def check_config():
         fail(f"stage must be 'sft_av', 'sft_ar', 'rl' or 'eval', got '{stage}'")
     if (temperature, top_p, top_k) != (1.0, 1.0, 0):
         fail(f"GRPO's loss assumes samples from the true policy: temperature 1, top_p 1, top_k 0 (got {temperature}, {top_p}, {top_k})")
-    if rollout != 'hf':
-        fail(f"rollout must be 'hf' (got '{rollout}')")
+    if rollout not in ('hf', 'vllm'):
+        fail(f"rollout must be 'hf' or 'vllm', got '{rollout}'")
+    if dtype == 'float16' and stage != 'eval':
+        fail("dtype='float16' needs loss scaling, which this trainer does not do: use 'bfloat16' or 'float32'")
+    if stage == 'rl' and group_size < 2:
+        fail(f"group_size={group_size}: GRPO compares rollouts within a group, so it needs at least 2")
     if ar_input not in ('explanation', 'context'):
         fail(f"ar_input must be 'explanation' or 'context', got '{ar_input}'")
     for name, value in (('batch_size', batch_size), ('batch_prompts', batch_prompts)):
@@ -721,17 +811,22 @@ def main(config):
     run.prompt_ids, run.marker_pos = nla.av_prompt(tokenizer, meta['marker'])
     run.alpha = meta['alpha']
     run.av = run.ar = run.ctx_ar = run.av_opt = run.ar_opt = None
-    run.av_merged, run.av_meta, run.ar_meta = [], {}, {}
+    run.av_frozen, run.av_meta, run.ar_meta = [], {}, {}
     run.step, run.cursor, run.bad_steps, run.skipped = 0, 0, 0, 0
     if stage in ('sft_av', 'rl', 'eval'):
-        run.av, run.av_merged, run.av_meta = build_av(init_av, tokenizer, dev)
+        run.av, run.av_frozen, run.av_meta = build_av(init_av, tokenizer, dev)
         check_meta(meta, run.av.config, tokenizer)
         run.end_ids = nla.end_token_ids(run.av, tokenizer)
         if stage == 'rl':  # the SFT adapter becomes the frozen reference; a fresh one is trained on top
-            run.av_merged.append(nla.trainable_state(run.av))
-            nla.merge_lora_(run.av)
+            run.av_frozen.append(nla.trainable_state(run.av))
+            nla.freeze_lora_(run.av)
         if stage != 'eval':
             run.av_opt = torch.optim.AdamW(trainable(run.av), lr=lr, weight_decay=weight_decay)
+        run.engine = start_engine(len(run.prompt_ids), dev) if rollout == 'vllm' and stage != 'sft_av' else None
+        if run.engine is not None:
+            run.sample = lambda *args: vllm_rollouts(run.engine, *args)
+        else:
+            run.sample = lambda *args: rollouts(run.av, *args) + (None,)
     if stage in ('sft_ar', 'rl', 'eval'):
         run.ar, run.ar_meta = build_ar(init_ar, meta['layer'], dev)
         if run.av is None:

@@ -83,13 +83,13 @@ def test_lora_disabled_gives_base_outputs(tiny_dir):
     assert not torch.equal(model(ids).logits, base(ids).logits)
 
 
-def test_merge_lora_makes_disabled_the_old_policy(tiny_dir):
-    """After merge_lora_, the model is unchanged and `lora_disabled` is the pre-merge adapted model."""
+def test_freeze_lora_makes_disabled_the_old_policy(tiny_dir):
+    """After freeze_lora_, the model is unchanged and `lora_disabled` is the pre-freeze adapted model."""
     model = lm_with_lora(tiny_dir['llama'])
     randomize_lora(model)
     ids = torch.randint(0, 300, (2, 12))
     want = model(ids).logits
-    nla.merge_lora_(model)
+    nla.freeze_lora_(model)
     torch.testing.assert_close(model(ids).logits, want, atol=1e-5, rtol=1e-5)
     with nla.lora_disabled(model):
         torch.testing.assert_close(model(ids).logits, want, atol=1e-5, rtol=1e-5)
@@ -214,11 +214,11 @@ def test_extract_explanation():
 
 
 def test_av_save_load_bit_identical(tiny_dir, tmp_path):
-    """A reloaded AV, including an adapter merged into its base before, gives bit-identical logits."""
+    """A reloaded AV, including an adapter frozen before, gives bit-identical logits."""
     model = lm_with_lora(tiny_dir['llama'])
     randomize_lora(model, 1)
     merged = [nla.trainable_state(model)]
-    nla.merge_lora_(model)
+    nla.freeze_lora_(model)
     randomize_lora(model, 2)
     nla.save_av(model, tmp_path / 'av.safetensors', merged, {'lora_rank': 4})
     fresh = lm_with_lora(tiny_dir['llama'])
@@ -250,3 +250,29 @@ def test_load_trainable_refuses_other_shapes(tiny_dir):
         nla.load_trainable(ar, other, 'ar.safetensors')
     with pytest.raises(ValueError, match='do not fit'):
         nla.load_trainable(ar, {'head.weight': torch.eye(64)}, 'ar.safetensors')
+
+
+def test_frozen_adapter_survives_bf16(tiny_dir):
+    """A small SFT update is kept exactly when frozen, where merging it into bf16 weights would round it away."""
+    model = nla.add_lora(nla.load_lm(tiny_dir['llama'], 'bfloat16'), 4, 8.0)
+    layer = nla.lora_layers(model)[0][1]
+    with torch.no_grad():
+        layer.lora_B.fill_(1e-5)
+    want = layer.scale * layer.lora_B @ layer.lora_A
+    nla.freeze_lora_(model)
+    torch.testing.assert_close(layer.ref_B @ layer.ref_A, want)
+    assert torch.equal(layer.base.weight, nla.load_lm(tiny_dir['llama'], 'bfloat16').model.layers[0].self_attn.q_proj.weight)
+
+
+def test_full_ar_keeps_fp32_weights_and_runs_in_the_run_dtype(tiny_dir):
+    """fp32 master weights, matmuls under bf16 autocast: close to the fp32 forward, but not equal to it."""
+    ar = nla.load_reconstructor(tiny_dir['llama'], 1, 'bfloat16')
+    assert all(p.dtype == torch.float32 for p in ar.parameters())
+    tok = nla.load_tokenizer(tiny_dir['llama'])
+    ids, mask = nla.ar_inputs(tok, ['some text', 'and more text here'], 16, 'cpu')
+    fp32 = nla.load_reconstructor(tiny_dir['llama'], 1, 'float32')
+    got, want = ar.last_hidden(ids, mask).float(), fp32.last_hidden(ids, mask)
+    assert not torch.equal(got, want)
+    torch.testing.assert_close(got, want, atol=0.05 * want.abs().max().item(), rtol=0.05)
+    lora = nla.load_reconstructor(tiny_dir['llama'], 1, 'bfloat16', lora_rank=4)
+    assert lora.backbone.get_input_embeddings().weight.dtype == torch.bfloat16

@@ -178,3 +178,27 @@ def test_optimizer_step_skips_non_finite_gradients():
     w.grad = torch.tensor([1.0, float('nan'), 0.0])
     norm, ok = train.optimizer_step([w], opt, 0.1)
     assert not ok and torch.equal(w.data, torch.ones(3)) and w.grad is None
+
+
+def test_eval_shards_are_equal_and_contiguous(monkeypatch):
+    monkeypatch.setattr(train, 'eval_rows', 10)
+    monkeypatch.setattr(train, 'ddp_world_size', 3)
+    monkeypatch.setattr(train, 'ddp_rank', 2)
+    assert train.eval_shard(100) == [6, 7, 8]
+    with pytest.raises(SystemExit, match='leave nothing for 3 ranks'):
+        train.eval_shard(2)
+
+
+@pytest.mark.parametrize('settings, message', [
+    ({'stage': 'rl', 'group_size': 1, 'max_steps': 5, 'init_av': 'a', 'init_ar': 'b'}, 'at least 2'),
+    ({'dtype': 'float16'}, 'loss scaling'),
+    ({'top_k': 50}, 'true policy'),
+    ({'rollout': 'sglang'}, "rollout must be"),
+    ({'stage': 'rl', 'max_steps': 0}, 'max_steps > 0'),
+])
+def test_check_config_refusals(monkeypatch, tmp_path, settings, message):
+    monkeypatch.setattr(train, 'out_dir', str(tmp_path))
+    for k, v in settings.items():
+        monkeypatch.setattr(train, k, v)
+    with pytest.raises(SystemExit, match=message):
+        train.check_config()
