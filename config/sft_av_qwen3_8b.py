@@ -1,0 +1,15 @@
+# AV warm start on Qwen3-8B. torchrun --nproc_per_node=4 train.py config/sft_av_qwen3_8b.py
+stage = 'sft_av'
+base_model = 'Qwen/Qwen3-8B'
+data_dir = 'data/qwen3_8b_l24'
+out_dir = 'out/qwen3_8b/sft_av'
+lora_rank = 128
+lora_alpha = 256.0
+lr = 1e-4
+batch_size = 128  # 4 GPUs * 32 rows
+micro_batch = 16
+gradient_checkpointing = True
+warmup_steps = 50
+eval_interval = 200
+eval_rows = 1024
+ckpt_interval = 200
