@@ -315,11 +315,17 @@ def rollouts(av, prompt_embeds, n_per_prompt, end_ids, pad_id, seed_key, first_r
         out = av.generate(inputs_embeds=x[i:i + gen_batch_size], attention_mask=attn[i:i + gen_batch_size])
         chunks.append(torch.nn.functional.pad(out, (0, max_new_tokens - out.shape[1]), value=pad_id))
     ids = torch.cat(chunks)  # (N, T)
+    return (ids, *response_mask(ids, end_ids))
+
+
+def response_mask(ids, end_ids):
+    """The explicit mask of each response's tokens through its first end token (all of them when it
+    hit the cap), its length, and whether it hit the cap with no end token."""
     is_end = torch.isin(ids, torch.tensor(end_ids, device=ids.device))
     has_end = is_end.any(1)
-    lengths = torch.where(has_end, is_end.int().argmax(1) + 1, max_new_tokens)
+    lengths = torch.where(has_end, is_end.int().argmax(1) + 1, ids.shape[1])
     mask = (torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]).long()
-    return ids, mask, lengths, ~has_end
+    return mask, lengths, ~has_end
 
 # -----------------------------------------------------------------------------
 # vLLM: written against vllm==0.26.0 (which pins torch 2.11). Stock vLLM serves the verbalizer because the
@@ -375,11 +381,8 @@ def vllm_rollouts(engine, prompt_embeds, n_per_prompt, end_ids, pad_id, seed_key
     for i, c in enumerate(samples):
         ids[i, :len(c.token_ids)] = torch.tensor(c.token_ids)
         logp[i, :len(c.token_ids)] = torch.tensor([lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)])
-    is_end = torch.isin(ids, torch.tensor(end_ids))
-    has_end = is_end.any(1)
-    lengths = torch.where(has_end, is_end.int().argmax(1) + 1, max_new_tokens)
-    mask = (torch.arange(max_new_tokens)[None] < lengths[:, None]).long()
-    return ids.to(dev), mask.to(dev), lengths.to(dev), (~has_end).to(dev), logp.to(dev)
+    ids, logp = ids.to(dev), logp.to(dev)
+    return (ids, *response_mask(ids, end_ids), logp)
 
 
 @torch.no_grad()
@@ -432,6 +435,14 @@ def ar_step(ar, tokenizer, texts, acts, opt, lr_now, dev):
 # evaluation
 
 
+def shuffled_fve(preds, acts):
+    """The control: FVE when every row is paired with another row's reconstruction (a seeded derangement)."""
+    order = np.random.default_rng(seed).permutation(len(acts))
+    shuffled = torch.empty_like(preds)
+    shuffled[order] = preds[np.roll(order, 1)]
+    return nla.fve(shuffled, acts)
+
+
 def eval_shard(n_val):
     """This rank's contiguous share of the first eval_rows val rows, equal on every rank."""
     per_rank = min(eval_rows, n_val) // ddp_world_size
@@ -465,10 +476,7 @@ def evaluate(run, ar, ctx_ar, tokenizer, prompt, alpha, val, end_ids, dev, step)
         dist.all_gather_object(shards, local)
     cat = lambda k: torch.cat([s[k] for s in shards])
     acts, preds = cat('acts'), cat('preds')
-    order = np.random.default_rng(seed).permutation(len(acts))
-    shuffled = torch.empty_like(preds)
-    shuffled[order] = preds[np.roll(order, 1)]  # every row gets another row's reconstruction
-    record = {'stage': 'eval', 'step': step, 'fve': nla.fve(preds, acts), 'fve_shuffled': nla.fve(shuffled, acts),
+    record = {'stage': 'eval', 'step': step, 'fve': nla.fve(preds, acts), 'fve_shuffled': shuffled_fve(preds, acts),
               'fve_teacher': nla.fve(cat('teacher'), acts),
               'extraction_rate': float(np.mean(sum((s['extracted'] for s in shards), []))),
               'mean_len': float(np.mean(sum((s['lengths'] for s in shards), []))), 'rows': len(acts)}
@@ -668,10 +676,7 @@ def sft_ar(run):
         run.ar.eval()
         rows = list(range(min(eval_rows, len(val['acts']))))  # every rank scores all rows: cheap next to training
         preds, acts = ar_predict(run.ar, run.tokenizer, ar_texts(val, rows, ar_input), dev).cpu(), val['acts'][rows]
-        order = np.random.default_rng(seed).permutation(len(rows))
-        shuffled = torch.empty_like(preds)
-        shuffled[order] = preds[np.roll(order, 1)]
-        return {'stage': 'eval', 'step': step, 'fve': nla.fve(preds, acts), 'fve_shuffled': nla.fve(shuffled, acts),
+        return {'stage': 'eval', 'step': step, 'fve': nla.fve(preds, acts), 'fve_shuffled': shuffled_fve(preds, acts),
                 'val_mse': float(nla.mse(preds, acts).mean())}, []
 
     run_loop(run, total, update, evaluate_fn)
@@ -810,7 +815,7 @@ def main(config):
     run.config, run.meta, run.tokenizer, run.dev, run.d = config, meta, tokenizer, dev, meta['d_model']
     run.prompt_ids, run.marker_pos = nla.av_prompt(tokenizer, meta['marker'])
     run.alpha = meta['alpha']
-    run.av = run.ar = run.ctx_ar = run.av_opt = run.ar_opt = None
+    run.av = run.ar = run.ctx_ar = run.av_opt = run.ar_opt = run.engine = None
     run.av_frozen, run.av_meta, run.ar_meta = [], {}, {}
     run.step, run.cursor, run.bad_steps, run.skipped = 0, 0, 0, 0
     if stage in ('sft_av', 'rl', 'eval'):
@@ -839,6 +844,8 @@ def main(config):
         run.ctx_ar, _ = build_ar(context_ar, meta['layer'], dev)
     if resume:
         load_checkpoint(run)
+    if run.engine is not None:  # the engine loaded the base checkpoint: give it the policy, frozen SFT adapter included
+        push_weights(run.engine, run.av)
     run.wandb_log = lambda *args, **kwargs: None
     if wandb_log and master_process:
         import wandb

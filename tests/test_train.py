@@ -202,3 +202,16 @@ def test_check_config_refusals(monkeypatch, tmp_path, settings, message):
         monkeypatch.setattr(train, k, v)
     with pytest.raises(SystemExit, match=message):
         train.check_config()
+
+
+def test_response_mask_keeps_the_end_token_and_ignores_what_follows():
+    """pad == eos must not mask the real end token: the mask comes from the first end, not from ids."""
+    ids = torch.tensor([[5, 2, 2, 2], [5, 6, 7, 8], [2, 9, 9, 9]])
+    mask, lengths, truncated = train.response_mask(ids, [2])
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert lengths.tolist() == [2, 4, 1] and truncated.tolist() == [False, True, False]
+
+
+def test_shuffled_control_is_a_derangement():
+    acts = torch.eye(6) + 0.01
+    assert train.shuffled_fve(acts.clone(), acts) < 0 < nla.fve(acts.clone(), acts)
