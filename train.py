@@ -80,6 +80,7 @@ temperature = 1.0  # the loss assumes sampling from the true policy: keep 1.0 / 
 top_p = 1.0
 top_k = 0
 gen_batch_size = 512  # rollouts per generate call (HF)
+gen_cache = 'dynamic'  # HF KV cache: 'dynamic' or 'static' (fixed size; transformers compiles it on a GPU)
 rollout = 'hf'  # 'hf': transformers' generate; 'vllm': one vLLM engine per rank, fed prompt_embeds
 vllm_gpu_memory = 0.3  # share of the GPU the engine may take (its weights and KV cache); the trainer has the rest
 max_logprob_diff = 0.5  # rollouts whose mean |logp_vllm - logp_trainer| is above this are left out of the loss
@@ -181,7 +182,8 @@ def build_av(init, tokenizer, dev):
     frozen = nla.load_av(av, path) if init else []
     av.generation_config = GenerationConfig(  # ours alone: no sampling defaults of the model's leak in
         do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
-        eos_token_id=nla.end_token_ids(av, tokenizer), pad_token_id=tokenizer.pad_token_id)
+        eos_token_id=nla.end_token_ids(av, tokenizer), pad_token_id=tokenizer.pad_token_id,
+        cache_implementation=None if gen_cache == 'dynamic' else gen_cache)
     if gradient_checkpointing:
         av.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
     return av, frozen, meta
@@ -771,6 +773,8 @@ def check_config():
         fail(f"stage must be 'sft_av', 'sft_ar', 'rl' or 'eval', got '{stage}'")
     if (temperature, top_p, top_k) != (1.0, 1.0, 0):
         fail(f"GRPO's loss assumes samples from the true policy: temperature 1, top_p 1, top_k 0 (got {temperature}, {top_p}, {top_k})")
+    if gen_cache not in ('dynamic', 'static'):
+        fail(f"gen_cache must be 'dynamic' or 'static', got '{gen_cache}'")
     if rollout not in ('hf', 'vllm'):
         fail(f"rollout must be 'hf' or 'vllm', got '{rollout}'")
     if dtype == 'float16' and stage != 'eval':

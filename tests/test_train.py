@@ -215,3 +215,21 @@ def test_response_mask_keeps_the_end_token_and_ignores_what_follows():
 def test_shuffled_control_is_a_derangement():
     acts = torch.eye(6) + 0.01
     assert train.shuffled_fve(acts.clone(), acts) < 0 < nla.fve(acts.clone(), acts)
+
+
+def test_static_cache_draws_the_same_rollouts(tiny_dir, monkeypatch):
+    """gen_cache='static' (the fast path on a GPU) samples exactly what the dynamic cache samples."""
+    monkeypatch.setattr(train, 'base_model', tiny_dir['llama'])
+    monkeypatch.setattr(train, 'dtype', 'float32')
+    monkeypatch.setattr(train, 'max_new_tokens', 16)
+    tok = nla.load_tokenizer(tiny_dir['llama'])
+    ids, pos = nla.av_prompt(tok, '@')
+    out = {}
+    for cache in ('dynamic', 'static'):
+        monkeypatch.setattr(train, 'gen_cache', cache)
+        torch.manual_seed(0)
+        av, _, _ = train.build_av('', tok, 'cpu')
+        x = nla.inject(av, ids, pos, torch.randn(4, 64), 2.0)
+        out[cache] = train.rollouts(av, x, 2, nla.end_token_ids(av, tok), tok.pad_token_id, (0, 0), 0)
+    assert all(torch.equal(a, b) for a, b in zip(out['dynamic'], out['static']))
+    assert out['static'][0].shape == (8, 16)
