@@ -291,6 +291,12 @@ def decode(tokenizer, ids, lengths):
     return tokenizer.batch_decode([r[:n] for r, n in zip(ids.tolist(), lengths.tolist())], skip_special_tokens=True)
 
 
+def ar_texts(data, rows, source):
+    if source == 'context':
+        return [data['context'][r] for r in rows]
+    return [nla.extract_explanation(data['explanation'][r]) or '' for r in rows]
+
+
 def ar_predict(ar, tokenizer, texts, dev):
     """(N, d) fp32 AR predictions, in micro-batches."""
     preds = []
@@ -453,23 +459,24 @@ def eval_shard(n_val):
     return list(range(ddp_rank * per_rank, (ddp_rank + 1) * per_rank))
 
 
-def evaluate(run, ar, ctx_ar, tokenizer, prompt, alpha, val, end_ids, dev, step):
+def evaluate(run, val, step):
     """Round-trip FVE on the val split (document-disjoint from training), with the shuffled control,
     the AR on the teacher's explanations and, given a context AR, the context ceiling. Rows are
     sharded over ranks and gathered."""
+    tokenizer, dev = run.tokenizer, run.dev
     run.av.eval()
-    ar.eval()
+    run.ar.eval()
     rows = eval_shard(len(val['acts']))
     acts = val['acts'][rows].to(dev)
     with torch.no_grad():
-        embeds = nla.inject(run.av, prompt[0], prompt[1], acts, alpha)
-        ids, _, lengths, _, _ = run.sample(embeds, 1, end_ids, tokenizer.pad_token_id, (1, step), rows[0])
+        embeds = nla.inject(run.av, run.prompt_ids, run.marker_pos, acts, run.alpha)
+        ids, _, lengths, _, _ = run.sample(embeds, 1, run.end_ids, tokenizer.pad_token_id, (1, step), rows[0])
         texts = decode(tokenizer, ids, lengths)
         lengths = lengths.tolist()
         explanations = [nla.extract_explanation(t) for t in texts]
-        preds = ar_predict(ar, tokenizer, [e or '' for e in explanations], dev)
-        teacher = ar_predict(ar, tokenizer, [nla.extract_explanation(val['explanation'][r]) or '' for r in rows], dev)
-        ctx = ar_predict(ctx_ar, tokenizer, [val['context'][r] for r in rows], dev) if ctx_ar is not None else None
+        preds = ar_predict(run.ar, tokenizer, [e or '' for e in explanations], dev)
+        teacher = ar_predict(run.ar, tokenizer, ar_texts(val, rows, 'explanation'), dev)
+        ctx = ar_predict(run.ctx_ar, tokenizer, ar_texts(val, rows, 'context'), dev) if run.ctx_ar is not None else None
     local = {'rows': rows, 'texts': texts, 'lengths': lengths, 'extracted': [e is not None for e in explanations],
              'acts': acts.cpu(), 'preds': preds.cpu(), 'teacher': teacher.cpu(), 'ctx': None if ctx is None else ctx.cpu()}
     shards = [local]
@@ -482,7 +489,7 @@ def evaluate(run, ar, ctx_ar, tokenizer, prompt, alpha, val, end_ids, dev, step)
               'fve_teacher': nla.fve(cat('teacher'), acts),
               'extraction_rate': float(np.mean(sum((s['extracted'] for s in shards), []))),
               'mean_len': float(np.mean(sum((s['lengths'] for s in shards), []))), 'rows': len(acts)}
-    if ctx_ar is not None:
+    if run.ctx_ar is not None:
         record['fve_context'] = nla.fve(cat('ctx'), acts)
     row_fve = nla.fve_rows(preds, acts)
     all_rows, all_texts = sum((s['rows'] for s in shards), []), sum((s['texts'] for s in shards), [])
@@ -603,12 +610,6 @@ def run_loop(run, total, update, evaluate_fn):
 
 # -----------------------------------------------------------------------------
 # the stages
-
-
-def ar_texts(data, rows, source):
-    if source == 'context':
-        return [data['context'][r] for r in rows]
-    return [nla.extract_explanation(data['explanation'][r]) or '' for r in rows]
 
 
 def sft_steps(n_rows):
@@ -753,13 +754,11 @@ def rl(run):
                 'rollout_tok_s': s[6].item() / (s[12].item() / ddp_world_size),
                 'sampler_logp_diff': (s[13] / n).item(), 'sampler_dropped': int(s[14].item())}
 
-    run_loop(run, max_steps, update, lambda step: evaluate(
-        run, run.ar, run.ctx_ar, tok, (run.prompt_ids, run.marker_pos), run.alpha, val, run.end_ids, dev, step))
+    run_loop(run, max_steps, update, lambda step: evaluate(run, val, step))
 
 
 def eval_stage(run):
-    record, examples = evaluate(run, run.ar, run.ctx_ar, run.tokenizer, (run.prompt_ids, run.marker_pos), run.alpha,
-                                load_split('val', run.d), run.end_ids, run.dev, 0)
+    record, examples = evaluate(run, load_split('val', run.d), 0)
     print0(f"eval | {fmt(record)}")
     print_examples(examples)
     log(run, record)
