@@ -117,13 +117,8 @@ def activations(backbone, docs_ids, doc_positions, pad_id, batch_size, device):
     out, t0 = [], time.time()
     for i in range(0, len(docs_ids), batch_size):
         chunk = docs_ids[i:i + batch_size]
-        T = max(len(ids) for ids in chunk)
-        ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), T), dtype=torch.long)
-        for j, row in enumerate(chunk):
-            ids[j, :len(row)] = torch.tensor(row)
-            mask[j, :len(row)] = 1
-        h = backbone(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state  # (B, T, d)
+        ids, mask = nla.pad_right(chunk, pad_id, device)
+        h = backbone(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, d)
         for j in range(len(chunk)):
             out.append(h[j, doc_positions[i + j]].float().cpu())
         progress(min(i + batch_size, len(docs_ids)), len(docs_ids), t0, 'activations (docs)')

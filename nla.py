@@ -261,11 +261,17 @@ def ar_inputs(tokenizer, texts, max_text_tokens, device):
     pre = tokenizer.encode(before, add_special_tokens=True)
     post = tokenizer.encode(after, add_special_tokens=False)
     rows = [pre + tokenizer.encode(t, add_special_tokens=False)[-max_text_tokens:] + post for t in texts]
+    return pad_right(rows, tokenizer.pad_token_id, device)
+
+
+def pad_right(rows, pad_id, device):
+    """(N, T) right-padded ids and the explicit (N, T) mask of real tokens: padding is never found by
+    comparing ids (a pad id may also be a real token, such as the end token)."""
     T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), tokenizer.pad_token_id, dtype=torch.long)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
         mask[i, :len(r)] = 1
     return ids.to(device), mask.to(device)
 

@@ -276,17 +276,6 @@ def response_logprobs(av, prompt_embeds, resp_ids, resp_mask):
     return token_logp, entropy
 
 
-def pad_rows(rows, pad_id, dev):
-    """Right-padded (N, T) ids and the explicit (N, T) mask of real tokens."""
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = 1
-    return ids.to(dev), mask.to(dev)
-
-
 def decode(tokenizer, ids, lengths):
     return tokenizer.batch_decode([r[:n] for r, n in zip(ids.tolist(), lengths.tolist())], skip_special_tokens=True)
 
@@ -631,7 +620,7 @@ def sft_av(run):
     def ce(data, rows, backward, n_tokens):
         loss_sum = 0.0
         for i in range(0, len(rows), micro_batch):
-            ids, mask = pad_rows(targets(data, rows[i:i + micro_batch]), tok.pad_token_id, dev)
+            ids, mask = nla.pad_right(targets(data, rows[i:i + micro_batch]), tok.pad_token_id, dev)
             embeds = nla.inject(run.av, run.prompt_ids, run.marker_pos, data['acts'][rows[i:i + micro_batch]], run.alpha)
             logp, _ = response_logprobs(run.av, embeds, ids, mask)
             loss = -(logp * mask).sum() / n_tokens

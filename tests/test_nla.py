@@ -276,3 +276,10 @@ def test_full_ar_keeps_fp32_weights_and_runs_in_the_run_dtype(tiny_dir):
     torch.testing.assert_close(got, want, atol=0.05 * want.abs().max().item(), rtol=0.05)
     lora = nla.load_reconstructor(tiny_dir['llama'], 1, 'bfloat16', lora_rank=4)
     assert lora.backbone.get_input_embeddings().weight.dtype == torch.bfloat16
+
+
+def test_pad_right_masks_by_position_not_by_id():
+    """A pad id that is also a real token (the end token) stays unmasked where it is real."""
+    ids, mask = nla.pad_right([[4, 2], [7, 8, 9, 2]], pad_id=2, device='cpu')
+    assert ids.tolist() == [[4, 2, 2, 2], [7, 8, 9, 2]]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
