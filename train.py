@@ -702,9 +702,10 @@ def rl(run):
         kl, entropy = torch.zeros(len(texts), device=dev), torch.zeros(len(texts), device=dev)
         logp_diff, kept = torch.zeros(len(texts), device=dev), torch.ones(len(texts), device=dev)
         run.av.train(gradient_checkpointing)
+        embeds = embeds.repeat_interleave(group_size, 0)  # (N, P, d), one row per rollout
         for i in range(0, len(texts), micro_batch):
             sl = slice(i, i + micro_batch)
-            x = embeds.repeat_interleave(group_size, 0)[sl]
+            x = embeds[sl]
             with torch.no_grad(), nla.lora_disabled(run.av):
                 ref_logp, _ = response_logprobs(run.av, x, ids[sl], mask[sl])
             logp, ent = response_logprobs(run.av, x, ids[sl], mask[sl])
