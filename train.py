@@ -330,30 +330,32 @@ def response_mask(ids, end_ids):
 VLLM_VERSION = '0.26.0'
 
 
-def engine_args(prompt_len, dev):
-    """The vllm.LLM arguments of this run's engine."""
-    return dict(model=base_model, tokenizer=base_model, dtype=dtype, seed=seed + ddp_rank, device=dev,
-                enable_prompt_embeds=True,
+def engine_args(prompt_len):
+    """The vllm.LLM arguments of this run's engine. vLLM takes no device: one process runs it on cuda:0, and
+    under torchrun (external launcher) each rank on cuda:LOCAL_RANK, the trainer's own GPU."""
+    return dict(model=base_model, tokenizer=base_model, dtype=dtype, seed=seed + ddp_rank, enable_prompt_embeds=True,
                 enable_prefix_caching=False,  # not shown safe for prompts given as embeddings
                 gpu_memory_utilization=vllm_gpu_memory, max_model_len=prompt_len + max_new_tokens,
                 # under torchrun every rank runs its own single-GPU engine inside the trainer process
                 distributed_executor_backend='external_launcher' if ddp else None)
 
 
-def start_engine(prompt_len, dev):
+def start_engine(prompt_len):
     # in-process engine core: the weight push hands it GPU tensors directly, with no copy and no pickling
     os.environ['VLLM_ENABLE_V1_MULTIPROCESSING'] = '0'
     os.environ.setdefault('VLLM_USE_FLASHINFER_SAMPLER', '0')
     import vllm
     if vllm.__version__ != VLLM_VERSION:
         fail(f"rollout='vllm' was written against vllm=={VLLM_VERSION}, this is {vllm.__version__}")
-    return vllm.LLM(**engine_args(prompt_len, dev))
+    torch.cuda.empty_cache()  # vLLM wants vllm_gpu_memory of the whole GPU free at start; cached blocks count as used
+    return vllm.LLM(**engine_args(prompt_len))
 
 
 def engine_weights(av):
     """(HF name, W + s*B*A in the model dtype) for every LoRA-adapted Linear: the only weights that differ
-    from the base checkpoint the engine loaded. Its load_weights maps q/k/v and gate/up into its fused layers."""
-    return [(f"{name}.weight", m.merged_weight()) for name, m in nla.lora_layers(av)]
+    from the base checkpoint the engine loaded. Its load_weights maps q/k/v and gate/up into its fused layers.
+    Made one at a time as the engine takes them, so a push needs one layer's weight of extra memory, not a model's."""
+    return ((f"{name}.weight", m.merged_weight()) for name, m in nla.lora_layers(av))
 
 
 def push_weights(engine, av):
@@ -766,6 +768,9 @@ def check_config():
         fail(f"gen_cache must be 'dynamic' or 'static', got '{gen_cache}'")
     if rollout not in ('hf', 'vllm'):
         fail(f"rollout must be 'hf' or 'vllm', got '{rollout}'")
+    if rollout == 'vllm' and not ddp and device not in ('auto', 'cuda', 'cuda:0'):
+        fail(f"rollout='vllm' in one process runs its engine on cuda:0, so device='{device}' would split the run: "
+             "choose the GPU with CUDA_VISIBLE_DEVICES instead")
     if dtype == 'float16' and stage != 'eval':
         fail("dtype='float16' needs loss scaling, which this trainer does not do: use 'bfloat16' or 'float32'")
     if stage == 'rl' and group_size < 2:
@@ -820,7 +825,7 @@ def main(config):
             nla.freeze_lora_(run.av)
         if stage != 'eval':
             run.av_opt = torch.optim.AdamW(trainable(run.av), lr=lr, weight_decay=weight_decay)
-        run.engine = start_engine(len(run.prompt_ids), dev) if rollout == 'vllm' and stage != 'sft_av' else None
+        run.engine = start_engine(len(run.prompt_ids)) if rollout == 'vllm' and stage != 'sft_av' else None
         if run.engine is not None:
             run.sample = lambda *args: vllm_rollouts(run.engine, *args)
         else:

@@ -194,6 +194,7 @@ def test_eval_shards_are_equal_and_contiguous(monkeypatch):
     ({'dtype': 'float16'}, 'loss scaling'),
     ({'top_k': 50}, 'true policy'),
     ({'rollout': 'sglang'}, "rollout must be"),
+    ({'rollout': 'vllm', 'device': 'cuda:1'}, 'CUDA_VISIBLE_DEVICES'),
     ({'stage': 'rl', 'max_steps': 0}, 'max_steps > 0'),
 ])
 def test_check_config_refusals(monkeypatch, tmp_path, settings, message):

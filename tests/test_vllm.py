@@ -1,5 +1,8 @@
 """The vLLM path against stand-ins (vLLM itself is never needed here): the weight push, the engine
-arguments, and the post-processing of the engine's samples."""
+arguments, and the post-processing of the engine's samples. Where vllm imports (no GPU needed), the same
+arguments, sampling parameters and push also go through vLLM's own classes."""
+import importlib.util
+import socket
 import sys
 import types
 
@@ -61,7 +64,7 @@ def test_engine_args_from_the_config(monkeypatch):
     for k, v in dict(base_model='m', dtype='bfloat16', seed=7, ddp_rank=1, ddp=True, vllm_gpu_memory=0.25,
                      max_new_tokens=96).items():
         monkeypatch.setattr(train, k, v)
-    args = train.engine_args(40, 'cuda:1')
+    args = train.engine_args(40)
     assert args['enable_prompt_embeds'] is True and args['enable_prefix_caching'] is False
     assert args['max_model_len'] == 136 and args['gpu_memory_utilization'] == 0.25
     assert args['dtype'] == 'bfloat16' and args['seed'] == 8 and args['model'] == 'm'
@@ -97,4 +100,99 @@ def test_vllm_rollouts_postprocessing(monkeypatch):
 def test_wrong_vllm_version_is_refused(monkeypatch):
     monkeypatch.setitem(sys.modules, 'vllm', types.SimpleNamespace(__version__='0.33.0'))
     with pytest.raises(SystemExit, match='written against vllm==0.26.0, this is 0.33.0'):
-        train.start_engine(10, 'cuda')
+        train.start_engine(10)
+
+
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec('vllm') is None, reason='needs vllm==0.26.0 (no GPU needed)')
+
+
+@needs_vllm
+def test_engine_args_are_vllm_engine_args(monkeypatch):
+    from vllm.engine.arg_utils import EngineArgs
+    for ddp in (False, True):
+        monkeypatch.setattr(train, 'ddp', ddp)
+        args = EngineArgs(**train.engine_args(40))  # vllm.LLM passes them on to EngineArgs
+        assert args.enable_prompt_embeds and not args.enable_prefix_caching
+
+
+@needs_vllm
+def test_sampling_params_and_outputs_are_vllms(monkeypatch):
+    """vllm_rollouts builds real SamplingParams and reads real CompletionOutputs (logprobs as vLLM fills them)."""
+    from vllm.logprobs import Logprob
+    from vllm.outputs import CompletionOutput, RequestOutput
+    seen = {}
+
+    class EngineWithVllmOutputs:
+        def generate(self, prompts, params, use_tqdm):
+            seen['params'] = params
+            outs = [CompletionOutput(index=i, text='', token_ids=ids, cumulative_logprob=None, finish_reason=why,
+                                     logprobs=[{t: Logprob(logprob=-0.5, rank=1)} for t in ids])
+                    for i, (ids, why) in enumerate([([5, 2], 'stop'), ([7, 7, 7], 'length')])]
+            return [RequestOutput(request_id=str(i), prompt=None, prompt_token_ids=None, prompt_logprobs=None,
+                                  outputs=outs, finished=True) for i in range(len(prompts))]
+
+    monkeypatch.setattr(train, 'max_new_tokens', 3)
+    ids, mask, lengths, truncated, logp = train.vllm_rollouts(EngineWithVllmOutputs(), torch.randn(2, 4, 8), 2, [2], 0, (0, 1), 0)
+    p = seen['params'][0]
+    assert (p.temperature, p.top_p, p.top_k, p.n, p.logprobs) == (1.0, 1.0, -1, 2, 0) and p.stop_token_ids == [2]
+    assert p.all_stop_token_ids >= {2}  # the end token ends the sample and stays in its token_ids
+    assert lengths.tolist() == [2, 3, 2, 3] and truncated.tolist() == [False, True, False, True]
+    assert logp[0].tolist() == [-0.5, -0.5, 0.0]
+
+
+@pytest.fixture(scope='module')
+def vllm_cpu_world():
+    """vLLM's model classes need its config and a (one-process) model-parallel world; no GPU is needed to build them."""
+    import torch.distributed as dist
+    from vllm.config import DeviceConfig, ModelConfig, VllmConfig, set_current_vllm_config
+    from vllm.distributed import parallel_state
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(('127.0.0.1', 0))
+            port = s.getsockname()[1]
+        dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', world_size=1, rank=0)
+
+    def build(path, monkeypatch):
+        from vllm.model_executor.model_loader.utils import get_model_architecture
+        from vllm.platforms import current_platform
+        # load_weights never touches attention, and with no GPU there is no attention backend to pick
+        monkeypatch.setattr(type(current_platform), 'get_attn_backend_cls',
+                            classmethod(lambda cls, *a, **k: 'vllm.v1.attention.backends.flex_attention.FlexAttentionBackend'))
+        config = VllmConfig(model_config=ModelConfig(model=path, dtype='float32', skip_tokenizer_init=True),
+                            device_config=DeviceConfig(device='cpu'))
+        with set_current_vllm_config(config):
+            if parallel_state._WORLD is None:
+                parallel_state.init_distributed_environment(world_size=1, rank=0, local_rank=0, backend='gloo')
+                parallel_state.initialize_model_parallel(1, 1)
+            model_cls, _ = get_model_architecture(config.model_config)
+            model = model_cls(vllm_config=config)
+        return model
+    return build
+
+
+@needs_vllm
+@pytest.mark.parametrize('family', ['llama', 'qwen3'])
+def test_push_into_vllms_own_model(tiny_dir, family, vllm_cpu_world, monkeypatch):
+    """The push through vLLM's own load_weights: its fused qkv_proj and gate_up_proj rows and its o/down
+    weights become W + s*B*A; nothing else moves."""
+    model = vllm_cpu_world(tiny_dir[family], monkeypatch)
+    base = nla.load_lm(tiny_dir[family], 'float32')
+    model.load_weights(list(base.named_parameters()))  # what the engine loads from the checkpoint
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    av = nla.add_lora(base, 4, 8.0)
+    with torch.no_grad():
+        for _, m in nla.lora_layers(av):
+            m.lora_B.normal_()
+    train.push_weights(types.SimpleNamespace(apply_model=lambda func: [func(model)]), av)
+    params, merged, fused = dict(model.named_parameters()), {n: m.merged_weight() for n, m in nla.lora_layers(av)}, set()
+    for i in range(av.config.num_hidden_layers):
+        pre = f"model.layers.{i}"
+        for vllm_name, parts in ((f"{pre}.self_attn.qkv_proj", ('self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj')),
+                                 (f"{pre}.mlp.gate_up_proj", ('mlp.gate_proj', 'mlp.up_proj')),
+                                 (f"{pre}.self_attn.o_proj", ('self_attn.o_proj',)), (f"{pre}.mlp.down_proj", ('mlp.down_proj',))):
+            assert torch.equal(params[f"{vllm_name}.weight"], torch.cat([merged[f"{pre}.{p}"] for p in parts]))
+            fused.add(f"{vllm_name}.weight")
+    assert not torch.equal(params[f"model.layers.0.self_attn.qkv_proj.weight"], before[f"model.layers.0.self_attn.qkv_proj.weight"])
+    for n, p in params.items():
+        if n not in fused:
+            assert torch.equal(p, before[n]), n

@@ -21,7 +21,7 @@ def engine_and_av(tiny_dir):
         for _, m in nla.lora_layers(av):
             m.lora_B.normal_(std=0.02)
     prompt_ids, pos = nla.av_prompt(tok, '@')
-    engine = train.start_engine(len(prompt_ids), 'cuda')
+    engine = train.start_engine(len(prompt_ids))
     train.push_weights(engine, av)
     return engine, av, tok, prompt_ids, pos
 
