@@ -13,8 +13,8 @@ GRPO here is on-policy: one optimizer step per batch of rollouts, so there is no
 and no value function. The AV's reward is -mse of the AR's reconstruction (the AR as it was before
 this step's update), -2 for a rollout with no explanation or that hit the length cap. The KL is k3
 to the SFT verbalizer, whose LoRA is frozen beside the base weights at the start of RL (a fresh one
-is trained on top), so "adapter off" is the reference. Data parallelism is by hand: every rank holds both models, takes a slice of
-each batch, and sums gradients in flat buckets before clipping.
+is trained on top), so "adapter off" is the reference. Data parallelism is by hand: every rank holds
+both models, takes a slice of each batch, and sums gradients in flat buckets before clipping.
 """
 import json
 import math
@@ -352,9 +352,10 @@ def start_engine(prompt_len):
 
 
 def engine_weights(av):
-    """(HF name, W + s*B*A in the model dtype) for every LoRA-adapted Linear: the only weights that differ
-    from the base checkpoint the engine loaded. Its load_weights maps q/k/v and gate/up into its fused layers.
-    Made one at a time as the engine takes them, so a push needs one layer's weight of extra memory, not a model's."""
+    """(HF name, merged_weight(): W + frozen adapters + s*B*A, in the model dtype) for every LoRA-adapted
+    Linear: the only weights that differ from the base checkpoint the engine loaded. Its load_weights maps
+    q/k/v and gate/up into its fused layers. Made one at a time as the engine takes them, so a push needs
+    one layer's weight of extra memory, not a model's."""
     return ((f"{name}.weight", m.merged_weight()) for name, m in nla.lora_layers(av))
 
 

@@ -192,7 +192,7 @@ def test_push_into_vllms_own_model(tiny_dir, family, vllm_cpu_world, monkeypatch
                                  (f"{pre}.self_attn.o_proj", ('self_attn.o_proj',)), (f"{pre}.mlp.down_proj", ('mlp.down_proj',))):
             assert torch.equal(params[f"{vllm_name}.weight"], torch.cat([merged[f"{pre}.{p}"] for p in parts]))
             fused.add(f"{vllm_name}.weight")
-    assert not torch.equal(params[f"model.layers.0.self_attn.qkv_proj.weight"], before[f"model.layers.0.self_attn.qkv_proj.weight"])
+    assert not torch.equal(params['model.layers.0.self_attn.qkv_proj.weight'], before['model.layers.0.self_attn.qkv_proj.weight'])
     for n, p in params.items():
         if n not in fused:
             assert torch.equal(p, before[n]), n
