@@ -262,15 +262,18 @@ def optimizer_step(params, opt, lr_now):
     return float(norm), ok
 
 
-def response_logprobs(av, prompt_embeds, resp_ids, resp_mask):
+def response_logprobs(av, prompt_embeds, resp_ids, resp_mask, with_entropy=False):
     """(N, T) fp32 log-probs of each response token given the injected prompt and the tokens before
-    it, and (N, T) entropies (detached). Logits are made only at the response positions."""
+    it, and, if asked, (N, T) entropies (detached; else None). Logits are made only at the response
+    positions."""
     N, T = resp_ids.shape
     x = torch.cat([prompt_embeds, av.get_input_embeddings()(resp_ids)], 1)  # (N, P+T, d)
     mask = torch.cat([torch.ones(N, prompt_embeds.shape[1], dtype=resp_mask.dtype, device=resp_mask.device), resp_mask], 1)
     logits = av(inputs_embeds=x, attention_mask=mask, logits_to_keep=T + 1).logits[:, :-1].float()  # (N, T, V)
     logp = logits.log_softmax(-1)
     token_logp = logp.gather(-1, resp_ids.unsqueeze(-1)).squeeze(-1)
+    if not with_entropy:
+        return token_logp, None
     with torch.no_grad():
         entropy = -(logp.exp() * logp).sum(-1)
     return token_logp, entropy
@@ -401,9 +404,11 @@ def score(ar, tokenizer, texts, truncated, lengths, acts, dev):
 
 
 def advantages(rewards, group_size):
-    """(r - group mean) / (group std + 1e-6), std with Bessel's correction as in TRL."""
-    r = rewards.view(-1, group_size)
-    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)).view(-1)
+    """(r - group mean) / (group std + 1e-6), std with Bessel's correction as in TRL. In float64, so
+    that a group of equal rewards gets advantages of exactly 0 (a float32 mean can be off by one ulp,
+    which the division would blow up into a push of a few hundredths)."""
+    r = rewards.double().view(-1, group_size)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)).view(-1).to(rewards.dtype)
 
 
 def policy_loss(logp, ref_logp, adv, mask, kl_coef, logratio_clamp):
@@ -530,13 +535,24 @@ def save_checkpoint(run):
     os.replace(path + '.tmp', path)
 
 
+# what a resumed run may change: when it stops, how often it reports, and how it fits the machine
+RESUMABLE = ('resume', 'max_steps', 'eval_interval', 'eval_examples', 'ckpt_interval', 'log_interval', 'wandb_log',
+             'wandb_project', 'wandb_run_name', 'device', 'micro_batch', 'gradient_checkpointing', 'gen_cache',
+             'vllm_gpu_memory')
+
+
 def load_checkpoint(run):
     path = os.path.join(out_dir, 'ckpt.pt')
     if not os.path.isfile(path):
         fail(f"resume=True but {path} does not exist")
     ckpt = torch.load(path, map_location='cpu', weights_only=False)
-    if ckpt['config']['stage'] != stage:
-        fail(f"{path} is a '{ckpt['config']['stage']}' run, this is '{stage}'")
+    saved = ckpt['config']
+    if saved['stage'] != stage:
+        fail(f"{path} is a '{saved['stage']}' run, this is '{stage}'")
+    changed = sorted(k for k in set(saved) | set(run.config) if k not in RESUMABLE and saved.get(k) != run.config.get(k))
+    if changed:
+        fail(f"{path} was made with {', '.join(f'{k}={saved.get(k)!r}' for k in changed)}: "
+             f"resume with the same settings (only {', '.join(RESUMABLE[1:])} may change)")
     for model, opt, key in ((run.av, run.av_opt, 'av'), (run.ar, run.ar_opt, 'ar')):
         if opt is not None:
             nla.load_trainable(model, ckpt[key], path)
@@ -547,6 +563,13 @@ def load_checkpoint(run):
     random.setstate(ckpt['rng']['python'])
     if ckpt['rng']['cuda'] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt['rng']['cuda'])
+    log_path = os.path.join(out_dir, 'log.jsonl')
+    if master_process and os.path.isfile(log_path):  # steps logged after the checkpoint are run and logged again
+        with open(log_path) as f:
+            lines = [line for line in f if json.loads(line)['step'] <= run.step]
+        with open(log_path + '.tmp', 'w') as f:
+            f.writelines(lines)
+        os.replace(log_path + '.tmp', log_path)
     print0(f"resumed {path} at step {run.step}")
 
 
@@ -711,7 +734,7 @@ def rl(run):
             x = embeds[sl]
             with torch.no_grad(), nla.lora_disabled(run.av):
                 ref_logp, _ = response_logprobs(run.av, x, ids[sl], mask[sl])
-            logp, ent = response_logprobs(run.av, x, ids[sl], mask[sl])
+            logp, ent = response_logprobs(run.av, x, ids[sl], mask[sl], with_entropy=True)
             if sampler_logp is not None:  # the engine sampled from what the trainer thinks is the policy?
                 logp_diff[sl] = ((logp.detach() - sampler_logp[sl, :T]).abs() * mask[sl]).sum(1) / mask[sl].sum(1)
                 kept[sl] = (logp_diff[sl] <= max_logprob_diff).float()
@@ -745,7 +768,7 @@ def rl(run):
                 'av_grad_norm': av_norm, 'ar_grad_norm': ar_norm, 'ar_loss': ar_loss, 'lr': lr_now, 'ar_lr': ar_lr_now,
                 't_gen': t_gen - t0, 't_score': t_score - t_gen, 't_av': t_av - t_score, 't_ar': t_ar - t_av,
                 'rollout_tok_s': s[6].item() / (s[12].item() / ddp_world_size),
-                'sampler_logp_diff': (s[13] / n).item(), 'sampler_dropped': int(s[14].item())}
+                **({'sampler_logp_diff': (s[13] / n).item(), 'sampler_dropped': int(s[14].item())} if run.engine is not None else {})}
 
     run_loop(run, max_steps, update, lambda step: evaluate(run, val, step))
 
@@ -799,7 +822,6 @@ def main(config):
         dist.init_process_group('nccl' if dev.startswith('cuda') else 'gloo')
     if master_process:
         print(json.dumps(config))
-        configurator.save_config(config, out_dir)
     meta_path = os.path.join(data_dir, 'meta.json')
     if not os.path.isfile(meta_path):
         fail(f"{meta_path} not found: run datagen.py first")
@@ -843,6 +865,8 @@ def main(config):
         run.ctx_ar, _ = build_ar(context_ar, meta['layer'], dev)
     if resume:
         load_checkpoint(run)
+    if master_process:
+        configurator.save_config(config, out_dir)
     if run.engine is not None:  # the engine loaded the base checkpoint: give it the policy, frozen SFT adapter included
         push_weights(run.engine, run.av)
     run.wandb_log = lambda *args, **kwargs: None

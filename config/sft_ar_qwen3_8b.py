@@ -7,6 +7,7 @@ out_dir = 'out/qwen3_8b/sft_ar'
 ar_lora_rank = 128
 lora_alpha = 256.0
 ar_lr = 8e-5
+ar_max_tokens = 512  # datagen's max_length, so the context-ceiling run (--ar_input=context) reads whole contexts
 batch_size = 128  # 4 GPUs * 32 rows
 micro_batch = 32
 gradient_checkpointing = True

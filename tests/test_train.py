@@ -62,6 +62,8 @@ def test_resume_ends_in_the_same_state(tiny_dir, tiny_data, sft_runs, tmp_path):
               '--eval_interval=100', '--ckpt_interval=100']
     run_script('train.py', *common, f'--out_dir={tmp_path / "a"}', '--max_steps=4')
     run_script('train.py', *common, f'--out_dir={tmp_path / "b"}', '--max_steps=2')
+    with open(tmp_path / 'b' / 'log.jsonl', 'a') as f:  # as if step 3 was logged and the run then died before its checkpoint
+        f.write(json.dumps({'stage': 'rl', 'step': 3, 'reward': 123.0}) + '\n')
     run_script('train.py', *common, f'--out_dir={tmp_path / "b"}', '--max_steps=4', '--resume=True')
     for name in ('av.safetensors', 'ar.safetensors'):
         a, b = load_file(tmp_path / 'a' / name), load_file(tmp_path / 'b' / name)
@@ -69,6 +71,10 @@ def test_resume_ends_in_the_same_state(tiny_dir, tiny_data, sft_runs, tmp_path):
     init = load_file(os.path.join(sft_runs['ar'], 'ar.safetensors'))
     assert not torch.equal(init['head.weight'], load_file(tmp_path / 'a' / 'ar.safetensors')['head.weight'])
     assert [r['step'] for r in read_log(tmp_path / 'b', 'rl')] == [1, 2, 3, 4]
+    assert read_log(tmp_path / 'b', 'rl')[2]['reward'] != 123.0
+    p = run_script('train.py', *common, f'--out_dir={tmp_path / "b"}', '--max_steps=6', '--resume=True', '--kl_coef=0.5',
+                   ok=False)
+    assert 'kl_coef' in p.stderr.strip().splitlines()[-1]
 
 
 def test_refuses_another_runs_out_dir(tiny_dir, tiny_data, sft_runs):
@@ -106,6 +112,12 @@ def test_advantages_by_hand():
     sd = statistics.stdev([1, 2, 3])
     assert adv[:3].tolist() == pytest.approx([-1 / (sd + 1e-6), 0, 1 / (sd + 1e-6)])
     assert adv[3:].tolist() == [0, 0, 0]
+
+
+def test_equal_rewards_get_exactly_zero_advantage():
+    """A float32 group mean can miss equal rewards by one ulp; the division must not turn that into a push."""
+    rewards = torch.tensor([-0.4537123] * 4 + [-1.9876] * 4 + [-0.1234567] * 4)
+    assert train.advantages(rewards, 4).tolist() == [0.0] * 12
 
 
 def test_policy_loss_by_hand():
