@@ -547,8 +547,6 @@ def load_checkpoint(run):
         fail(f"resume=True but {path} does not exist")
     ckpt = torch.load(path, map_location='cpu', weights_only=False)
     saved = ckpt['config']
-    if saved['stage'] != stage:
-        fail(f"{path} is a '{saved['stage']}' run, this is '{stage}'")
     changed = sorted(k for k in set(saved) | set(run.config) if k not in RESUMABLE and saved.get(k) != run.config.get(k))
     if changed:
         fail(f"{path} was made with {', '.join(f'{k}={saved.get(k)!r}' for k in changed)}: "
