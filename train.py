@@ -17,6 +17,7 @@ is trained on top), so "adapter off" is the reference. Data parallelism is by ha
 both models, takes a slice of each batch, and sums gradients in flat buckets before clipping.
 """
 import json
+import logging
 import math
 import os
 import random
@@ -334,38 +335,58 @@ VLLM_VERSION = '0.26.0'
 
 
 def engine_args(prompt_len):
-    """The vllm.LLM arguments of this run's engine. vLLM takes no device: one process runs it on cuda:0, and
-    under torchrun (external launcher) each rank on cuda:LOCAL_RANK, the trainer's own GPU."""
+    """The vllm.LLM arguments of this run's engine. vLLM takes no device: one process runs it on cuda:0 (or, with
+    vLLM's CPU build, the CPU), and under torchrun (external launcher) each rank on cuda:LOCAL_RANK, its own GPU."""
     return dict(model=base_model, tokenizer=base_model, dtype=dtype, seed=seed + ddp_rank, enable_prompt_embeds=True,
                 enable_prefix_caching=False,  # not shown safe for prompts given as embeddings
+                # prompts are short and come all at once, so splitting one gains nothing; and the CPU build cannot
+                # rewind a seeded sampler over a split prompt (it fails with "CPU Generator does not use offset")
+                enable_chunked_prefill=False,
                 gpu_memory_utilization=vllm_gpu_memory, max_model_len=prompt_len + max_new_tokens,
                 # under torchrun every rank runs its own single-GPU engine inside the trainer process
                 distributed_executor_backend='external_launcher' if ddp else None)
 
 
-def start_engine(prompt_len):
-    # in-process engine core: the weight push hands it GPU tensors directly, with no copy and no pickling
+def start_engine(prompt_len, dev):
+    # in-process engine core: the weight push hands it this process's tensors directly, with no copy and no pickling
     os.environ['VLLM_ENABLE_V1_MULTIPROCESSING'] = '0'
     os.environ.setdefault('VLLM_USE_FLASHINFER_SAMPLER', '0')
     import vllm
     if vllm.__version__ != VLLM_VERSION:
         fail(f"rollout='vllm' was written against vllm=={VLLM_VERSION}, this is {vllm.__version__}")
+    from vllm.platforms import current_platform
+    if current_platform.device_type != torch.device(dev).type:
+        fail(f"this vllm build runs on '{current_platform.device_type or 'no device'}', the trainer on '{dev}'")
+    # every push reloads the whole checkpoint; the rotary cache and a tied lm_head have no weights in it,
+    # and vLLM's reload would warn of them at every step
+    logging.getLogger('vllm.model_executor.model_loader.reload.layerwise').setLevel(logging.ERROR)
     torch.cuda.empty_cache()  # vLLM wants vllm_gpu_memory of the whole GPU free at start; cached blocks count as used
-    return vllm.LLM(**engine_args(prompt_len))
+    engine = vllm.LLM(**engine_args(prompt_len))
+    logging.getLogger('vllm.v1.worker.gpu_model_runner').setLevel(logging.WARNING)  # it reports every push's time
+    return engine
 
 
 def engine_weights(av):
-    """(HF name, merged_weight(): W + frozen adapters + s*B*A, in the model dtype) for every LoRA-adapted
-    Linear: the only weights that differ from the base checkpoint the engine loaded. Its load_weights maps
-    q/k/v and gate/up into its fused layers. Made one at a time as the engine takes them, so a push needs
-    one layer's weight of extra memory, not a model's."""
-    return ((f"{name}.weight", m.merged_weight()) for name, m in nla.lora_layers(av))
+    """(HF name, tensor) for every weight of the policy, as its checkpoint names them: merged_weight() (W +
+    frozen adapters + s*B*A, in the model dtype) for each LoRA-adapted Linear, every other weight as it is.
+    Made one at a time as the engine takes them, so a push needs one layer's weight of extra memory."""
+    lora = dict(nla.lora_layers(av))
+    for name, p in av.named_parameters():  # a tied weight comes once
+        owner, _, leaf = name.rpartition('.')
+        if owner in lora:  # lora_A, lora_B: folded into the merged weight
+            continue
+        layer = owner.removesuffix('.base')
+        if layer in lora:
+            yield f"{layer}.{leaf}", lora[layer].merged_weight() if leaf == 'weight' else p
+        else:
+            yield name, p
 
 
 def push_weights(engine, av):
-    """GPU -> GPU: the merged weights go to the engine's model as tensors on this device."""
-    weights = engine_weights(av)
-    engine.apply_model(lambda model: model.load_weights(weights))
+    """The policy's weights go to the engine as tensors on this device (GPU -> GPU, no disk) through vLLM's
+    in-place reload: its load_weights maps q/k/v and gate/up into its fused layers, then each layer's post-load
+    processing runs again (a no-op on a GPU; the CPU build packs the new weights for its kernels)."""
+    engine.collective_rpc('reload_weights', kwargs={'weights_iterator': engine_weights(av)})
 
 
 def vllm_rollouts(engine, prompt_embeds, n_per_prompt, end_ids, pad_id, seed_key, first_row):
@@ -790,7 +811,7 @@ def check_config():
         fail(f"gen_cache must be 'dynamic' or 'static', got '{gen_cache}'")
     if rollout not in ('hf', 'vllm'):
         fail(f"rollout must be 'hf' or 'vllm', got '{rollout}'")
-    if rollout == 'vllm' and not ddp and device not in ('auto', 'cuda', 'cuda:0'):
+    if rollout == 'vllm' and not ddp and device not in ('auto', 'cpu', 'cuda', 'cuda:0'):
         fail(f"rollout='vllm' in one process runs its engine on cuda:0, so device='{device}' would split the run: "
              "choose the GPU with CUDA_VISIBLE_DEVICES instead")
     if dtype == 'float16' and stage != 'eval':
@@ -846,11 +867,6 @@ def main(config):
             nla.freeze_lora_(run.av)
         if stage != 'eval':
             run.av_opt = torch.optim.AdamW(trainable(run.av), lr=lr, weight_decay=weight_decay)
-        run.engine = start_engine(len(run.prompt_ids)) if rollout == 'vllm' and stage != 'sft_av' else None
-        if run.engine is not None:
-            run.sample = lambda *args: vllm_rollouts(run.engine, *args)
-        else:
-            run.sample = lambda *args: rollouts(run.av, *args) + (None,)
     if stage in ('sft_ar', 'rl', 'eval'):
         run.ar, run.ar_meta = build_ar(init_ar, meta['layer'], dev)
         if run.av is None:
@@ -861,6 +877,12 @@ def main(config):
             fail(f"init_ar {init_ar} reads contexts (a context-ceiling AR); RL needs an explanation AR")
     if context_ar and stage in ('rl', 'eval'):
         run.ctx_ar, _ = build_ar(context_ar, meta['layer'], dev)
+    if stage in ('rl', 'eval'):  # the engine starts last, once every model has loaded
+        run.engine = start_engine(len(run.prompt_ids), dev) if rollout == 'vllm' else None
+        if run.engine is not None:
+            run.sample = lambda *args: vllm_rollouts(run.engine, *args)
+        else:
+            run.sample = lambda *args: rollouts(run.av, *args) + (None,)
     if resume:
         load_checkpoint(run)
     if master_process:

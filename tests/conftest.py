@@ -53,7 +53,7 @@ def make_tokenizer(path):
     return fast
 
 
-def make_model(path, family, tok, layers=4):
+def make_model(path, family, tok, layers=4, **config):
     from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, Qwen3Config,
                               Qwen3ForCausalLM)
     torch.manual_seed(0)
@@ -61,10 +61,11 @@ def make_model(path, family, tok, layers=4):
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                   tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                   bos_token_id=None)
+    common.update(config)
     if family == 'llama':
         model = LlamaForCausalLM(LlamaConfig(**common))
     elif family == 'qwen3':
-        model = Qwen3ForCausalLM(Qwen3Config(head_dim=16, **common))
+        model = Qwen3ForCausalLM(Qwen3Config(**{'head_dim': 16, **common}))
     else:  # sliding-window layers: the AR's truncated config must keep them right
         model = Gemma3ForCausalLM(Gemma3TextConfig(head_dim=16, sliding_window=8, **common))
     with torch.no_grad():  # a random head (tied to the embedding) is too small for confident logits: LoRA could not learn a format

@@ -1,8 +1,7 @@
 """The vLLM path against stand-ins (vLLM itself is never needed here): the weight push, the engine
 arguments, and the post-processing of the engine's samples. Where vllm imports (no GPU needed), the same
-arguments, sampling parameters and push also go through vLLM's own classes."""
+arguments and sampling parameters also go through vLLM's own classes; test_vllm_engine.py runs an engine."""
 import importlib.util
-import socket
 import sys
 import types
 
@@ -14,22 +13,21 @@ import train
 
 
 class RecordingEngine:
-    """Stands in for vllm.LLM: apply_model hands its own model to the function, as vLLM hands its."""
+    """Stands in for vllm.LLM: records the weights each reload_weights call receives."""
 
     def __init__(self):
         self.received = []
 
-    def apply_model(self, func):
-        return [func(self)]
-
-    def load_weights(self, weights):
-        self.received.append({name: w.clone() for name, w in weights})
+    def collective_rpc(self, method, kwargs):
+        assert method == 'reload_weights'
+        self.received.append({name: w.clone() for name, w in kwargs['weights_iterator']})
 
 
-def test_push_sends_merged_weights_under_hf_names(tiny_dir):
+@pytest.mark.parametrize('family', ['llama', 'qwen3'])
+def test_push_sends_every_weight_under_its_hf_name_merged_where_adapted(tiny_dir, family):
     torch.manual_seed(0)
-    av = nla.add_lora(nla.load_lm(tiny_dir['qwen3'], 'float32'), 4, 8.0)
-    hf_names = dict(nla.load_lm(tiny_dir['qwen3'], 'float32').named_parameters())
+    av = nla.add_lora(nla.load_lm(tiny_dir[family], 'float32'), 4, 8.0)
+    hf = dict(nla.load_lm(tiny_dir[family], 'float32').named_parameters())
     base = {n: m.base.weight.clone() for n, m in nla.lora_layers(av)}
     engine = RecordingEngine()
     for _ in range(50):
@@ -39,12 +37,17 @@ def test_push_sends_merged_weights_under_hf_names(tiny_dir):
         train.push_weights(engine, av)
     assert len(engine.received) == 50
     last = engine.received[-1]
-    assert len(last) == 7 * av.config.num_hidden_layers
-    for name, m in nla.lora_layers(av):
-        w = last[f"{name}.weight"]
-        assert f"{name}.weight" in hf_names and w.shape == hf_names[f"{name}.weight"].shape and w.dtype == m.base.weight.dtype
-        torch.testing.assert_close(w, base[name] + m.scale * m.lora_B @ m.lora_A)
-        assert torch.equal(m.base.weight, base[name])  # 50 pushes never touched W
+    assert sorted(last) == sorted(hf)  # the checkpoint's names, a tied weight once
+    adapted = {f"{n}.weight": m for n, m in nla.lora_layers(av)}
+    assert len(adapted) == 7 * av.config.num_hidden_layers
+    for name, w in last.items():
+        assert w.shape == hf[name].shape and w.dtype == hf[name].dtype
+        if name in adapted:
+            m = adapted[name]
+            torch.testing.assert_close(w, base[name[:-len('.weight')]] + m.scale * m.lora_B @ m.lora_A)
+            assert torch.equal(m.base.weight, base[name[:-len('.weight')]])  # 50 pushes never touched W
+        else:
+            assert torch.equal(w, hf[name]), name
 
 
 def test_push_includes_the_frozen_sft_adapter(tiny_dir):
@@ -65,7 +68,7 @@ def test_engine_args_from_the_config(monkeypatch):
                      max_new_tokens=96).items():
         monkeypatch.setattr(train, k, v)
     args = train.engine_args(40)
-    assert args['enable_prompt_embeds'] is True and args['enable_prefix_caching'] is False
+    assert args['enable_prompt_embeds'] is True and args['enable_prefix_caching'] is False and args['enable_chunked_prefill'] is False
     assert args['max_model_len'] == 136 and args['gpu_memory_utilization'] == 0.25
     assert args['dtype'] == 'bfloat16' and args['seed'] == 8 and args['model'] == 'm'
     assert args['distributed_executor_backend'] == 'external_launcher'
@@ -100,7 +103,15 @@ def test_vllm_rollouts_postprocessing(monkeypatch):
 def test_wrong_vllm_version_is_refused(monkeypatch):
     monkeypatch.setitem(sys.modules, 'vllm', types.SimpleNamespace(__version__='0.33.0'))
     with pytest.raises(SystemExit, match='written against vllm==0.26.0, this is 0.33.0'):
-        train.start_engine(10)
+        train.start_engine(10, 'cpu')
+
+
+def test_engine_on_another_device_than_the_trainer_is_refused(monkeypatch):
+    platforms = types.SimpleNamespace(current_platform=types.SimpleNamespace(device_type='cuda'))
+    monkeypatch.setitem(sys.modules, 'vllm', types.SimpleNamespace(__version__='0.26.0', platforms=platforms))
+    monkeypatch.setitem(sys.modules, 'vllm.platforms', platforms)
+    with pytest.raises(SystemExit, match="this vllm build runs on 'cuda', the trainer on 'cpu'"):
+        train.start_engine(10, 'cpu')
 
 
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec('vllm') is None, reason='needs vllm==0.26.0 (no GPU needed)')
@@ -112,7 +123,7 @@ def test_engine_args_are_vllm_engine_args(monkeypatch):
     for ddp in (False, True):
         monkeypatch.setattr(train, 'ddp', ddp)
         args = EngineArgs(**train.engine_args(40))  # vllm.LLM passes them on to EngineArgs
-        assert args.enable_prompt_embeds and not args.enable_prefix_caching
+        assert args.enable_prompt_embeds and not args.enable_prefix_caching and not args.enable_chunked_prefill
 
 
 @needs_vllm
@@ -138,61 +149,3 @@ def test_sampling_params_and_outputs_are_vllms(monkeypatch):
     assert p.all_stop_token_ids >= {2}  # the end token ends the sample and stays in its token_ids
     assert lengths.tolist() == [2, 3, 2, 3] and truncated.tolist() == [False, True, False, True]
     assert logp[0].tolist() == [-0.5, -0.5, 0.0]
-
-
-@pytest.fixture(scope='module')
-def vllm_cpu_world():
-    """vLLM's model classes need its config and a (one-process) model-parallel world; no GPU is needed to build them."""
-    import torch.distributed as dist
-    from vllm.config import DeviceConfig, ModelConfig, VllmConfig, set_current_vllm_config
-    from vllm.distributed import parallel_state
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(('127.0.0.1', 0))
-            port = s.getsockname()[1]
-        dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', world_size=1, rank=0)
-
-    def build(path, monkeypatch):
-        from vllm.model_executor.model_loader.utils import get_model_architecture
-        from vllm.platforms import current_platform
-        # load_weights never touches attention, and with no GPU there is no attention backend to pick
-        monkeypatch.setattr(type(current_platform), 'get_attn_backend_cls',
-                            classmethod(lambda cls, *a, **k: 'vllm.v1.attention.backends.flex_attention.FlexAttentionBackend'))
-        config = VllmConfig(model_config=ModelConfig(model=path, dtype='float32', skip_tokenizer_init=True),
-                            device_config=DeviceConfig(device='cpu'))
-        with set_current_vllm_config(config):
-            if parallel_state._WORLD is None:
-                parallel_state.init_distributed_environment(world_size=1, rank=0, local_rank=0, backend='gloo')
-                parallel_state.initialize_model_parallel(1, 1)
-            model_cls, _ = get_model_architecture(config.model_config)
-            model = model_cls(vllm_config=config)
-        return model
-    return build
-
-
-@needs_vllm
-@pytest.mark.parametrize('family', ['llama', 'qwen3'])
-def test_push_into_vllms_own_model(tiny_dir, family, vllm_cpu_world, monkeypatch):
-    """The push through vLLM's own load_weights: its fused qkv_proj and gate_up_proj rows and its o/down
-    weights become W + s*B*A; nothing else moves."""
-    model = vllm_cpu_world(tiny_dir[family], monkeypatch)
-    base = nla.load_lm(tiny_dir[family], 'float32')
-    model.load_weights(list(base.named_parameters()))  # what the engine loads from the checkpoint
-    before = {n: p.clone() for n, p in model.named_parameters()}
-    av = nla.add_lora(base, 4, 8.0)
-    with torch.no_grad():
-        for _, m in nla.lora_layers(av):
-            m.lora_B.normal_()
-    train.push_weights(types.SimpleNamespace(apply_model=lambda func: [func(model)]), av)
-    params, merged, fused = dict(model.named_parameters()), {n: m.merged_weight() for n, m in nla.lora_layers(av)}, set()
-    for i in range(av.config.num_hidden_layers):
-        pre = f"model.layers.{i}"
-        for vllm_name, parts in ((f"{pre}.self_attn.qkv_proj", ('self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj')),
-                                 (f"{pre}.mlp.gate_up_proj", ('mlp.gate_proj', 'mlp.up_proj')),
-                                 (f"{pre}.self_attn.o_proj", ('self_attn.o_proj',)), (f"{pre}.mlp.down_proj", ('mlp.down_proj',))):
-            assert torch.equal(params[f"{vllm_name}.weight"], torch.cat([merged[f"{pre}.{p}"] for p in parts]))
-            fused.add(f"{vllm_name}.weight")
-    assert not torch.equal(params['model.layers.0.self_attn.qkv_proj.weight'], before['model.layers.0.self_attn.qkv_proj.weight'])
-    for n, p in params.items():
-        if n not in fused:
-            assert torch.equal(p, before[n]), n
