@@ -369,7 +369,8 @@ def start_engine(prompt_len, dev):
 def engine_weights(av):
     """(HF name, tensor) for every weight of the policy, as its checkpoint names them: merged_weight() (W +
     frozen adapters + s*B*A, in the model dtype) for each LoRA-adapted Linear, every other weight as it is.
-    Made one at a time as the engine takes them, so a push needs one layer's weight of extra memory."""
+    Made one at a time as the engine takes them; with vLLM filling one layer at a time, a push needs about two
+    layers' weights of extra memory."""
     lora = dict(nla.lora_layers(av))
     for name, p in av.named_parameters():  # a tied weight comes once
         owner, _, leaf = name.rpartition('.')
@@ -385,7 +386,7 @@ def engine_weights(av):
 def push_weights(engine, av):
     """The policy's weights go to the engine as tensors on this device (GPU -> GPU, no disk) through vLLM's
     in-place reload: its load_weights maps q/k/v and gate/up into its fused layers, then each layer's post-load
-    processing runs again (a no-op on a GPU; the CPU build packs the new weights for its kernels)."""
+    processing runs again (by vLLM 0.26's source a no-op on a GPU; the CPU build packs the new weights for its kernels)."""
     engine.collective_rpc('reload_weights', kwargs={'weights_iterator': engine_weights(av)})
 
 

@@ -38,14 +38,14 @@ def test_push_sends_every_weight_under_its_hf_name_merged_where_adapted(tiny_dir
     assert len(engine.received) == 50
     last = engine.received[-1]
     assert sorted(last) == sorted(hf)  # the checkpoint's names, a tied weight once
-    adapted = {f"{n}.weight": m for n, m in nla.lora_layers(av)}
+    adapted = {f"{n}.weight": (n, m) for n, m in nla.lora_layers(av)}
     assert len(adapted) == 7 * av.config.num_hidden_layers
     for name, w in last.items():
         assert w.shape == hf[name].shape and w.dtype == hf[name].dtype
         if name in adapted:
-            m = adapted[name]
-            torch.testing.assert_close(w, base[name[:-len('.weight')]] + m.scale * m.lora_B @ m.lora_A)
-            assert torch.equal(m.base.weight, base[name[:-len('.weight')]])  # 50 pushes never touched W
+            layer, m = adapted[name]
+            torch.testing.assert_close(w, base[layer] + m.scale * m.lora_B @ m.lora_A)
+            assert torch.equal(m.base.weight, base[layer])  # 50 pushes never touched W
         else:
             assert torch.equal(w, hf[name]), name
 
@@ -118,8 +118,9 @@ needs_vllm = pytest.mark.skipif(importlib.util.find_spec('vllm') is None, reason
 
 
 @needs_vllm
-def test_engine_args_are_vllm_engine_args(monkeypatch):
+def test_engine_args_are_vllm_engine_args(tiny_dir, monkeypatch):
     from vllm.engine.arg_utils import EngineArgs
+    monkeypatch.setattr(train, 'base_model', tiny_dir['llama'])  # a local folder: offline, vLLM resolves a hub name
     for ddp in (False, True):
         monkeypatch.setattr(train, 'ddp', ddp)
         args = EngineArgs(**train.engine_args(40))  # vllm.LLM passes them on to EngineArgs

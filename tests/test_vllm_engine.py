@@ -37,16 +37,19 @@ def engine_and_av(request, tmp_path_factory):
     # two heads of 32 dims: vLLM's CPU attention has no kernel for the shared tiny models' 16
     path = make_model(str(root / 'model'), request.param, make_tokenizer(str(root / 'tok')), num_attention_heads=2,
                       num_key_value_heads=1, head_dim=32)
-    train.base_model, train.dtype, train.max_new_tokens, train.vllm_gpu_memory = path, 'float32', 32, 0.2
-    os.environ.setdefault('VLLM_CPU_KVCACHE_SPACE', '1')  # GiB; the CPU build's share of RAM would count this process
-    tok = nla.load_tokenizer(path)
-    av = nla.add_lora(nla.load_lm(path, 'float32', DEVICE), 4, 8.0)
-    torch.manual_seed(0)
-    perturb(av, 0.05)
-    prompt_ids, pos = nla.av_prompt(tok, '@')
-    engine = train.start_engine(len(prompt_ids), DEVICE)
-    train.push_weights(engine, av)
-    return engine, av, tok, prompt_ids, pos
+    with pytest.MonkeyPatch.context() as mp:  # the settings go back for the tests after these
+        for k, v in dict(base_model=path, dtype='float32', max_new_tokens=32, vllm_gpu_memory=0.2).items():
+            mp.setattr(train, k, v)
+        # GiB of KV cache for the CPU build; unset, it takes a share of RAM minus this whole process
+        mp.setenv('VLLM_CPU_KVCACHE_SPACE', os.environ.get('VLLM_CPU_KVCACHE_SPACE', '1'))
+        tok = nla.load_tokenizer(path)
+        av = nla.add_lora(nla.load_lm(path, 'float32', DEVICE), 4, 8.0)
+        torch.manual_seed(0)
+        perturb(av, 0.05)
+        prompt_ids, pos = nla.av_prompt(tok, '@')
+        engine = train.start_engine(len(prompt_ids), DEVICE)
+        train.push_weights(engine, av)
+        yield engine, av, tok, prompt_ids, pos
 
 
 def logprob_gap(engine, av, tok, prompt_ids, pos, n_prompts=8):
@@ -75,7 +78,7 @@ def test_push_makes_the_engine_sample_from_the_new_weights(engine_and_av):
 
 def test_pushed_weights_are_the_engine_weights(engine_and_av):
     engine, av, *_ = engine_and_av
-    name, m = nla.lora_layers(av)[0]
+    _, m = nla.lora_layers(av)[0]
     got = engine.apply_model(lambda model: model.state_dict()['model.layers.0.self_attn.qkv_proj.weight'].cpu())[0]
     if got.numel() == 0:
         pytest.skip("vLLM's CPU build keeps linear weights packed for its kernels: the log-prob tests check the push there")
