@@ -36,7 +36,7 @@ corpus = 'data/corpus.parquet'  # .parquet (a `text` column), .jsonl ({"text": .
 out_dir = 'data/smollm2_l20'
 max_docs = 0  # 0: every document of the corpus
 # positions
-layer = 20  # activation = output of block `layer` = hidden_states[layer + 1]
+layer = 20  # activation = output of block `layer` = hidden_states[layer + 1] (the last block's: before the final norm)
 positions_per_doc = 8
 min_position = 50  # positions are drawn at or after this token index
 max_length = 256  # tokens read per document, so contexts are at most this long
@@ -164,11 +164,12 @@ def api_explanations(contexts, cache_path):
     key = lambda c: hashlib.sha256(f"{api_model}\n{API_INSTRUCTION}\n{c}".encode()).hexdigest()
     cache = {}
     if os.path.exists(cache_path):
-        with open(cache_path) as f:
-            for line in f:
-                if line.endswith('\n'):  # a line cut by a crash is simply asked again
-                    entry = json.loads(line)
-                    cache[entry['key']] = entry['explanation']
+        with open(cache_path, 'rb+') as f:
+            *lines, cut = f.read().split(b'\n')
+            f.truncate(f.tell() - len(cut))  # a line cut by a crash goes, so appends start on a line of their own
+        for line in lines:
+            entry = json.loads(line)
+            cache[entry['key']] = entry['explanation']
     todo = sorted({c for c in contexts if key(c) not in cache})
     lock, t0, done = threading.Lock(), time.time(), [0]
 

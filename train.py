@@ -290,11 +290,11 @@ def ar_texts(data, rows, source):
     return [nla.extract_explanation(data['explanation'][r]) or '' for r in rows]
 
 
-def ar_predict(ar, tokenizer, texts, dev):
-    """(N, d) fp32 AR predictions, in micro-batches."""
+def ar_predict(ar, tokenizer, texts, dev, max_tokens=None):
+    """(N, d) fp32 AR predictions, in micro-batches; each text keeps its last max_tokens (ar_max_tokens) tokens."""
     preds = []
     for i in range(0, len(texts), micro_batch):
-        ids, mask = nla.ar_inputs(tokenizer, texts[i:i + micro_batch], ar_max_tokens, dev)
+        ids, mask = nla.ar_inputs(tokenizer, texts[i:i + micro_batch], max_tokens or ar_max_tokens, dev)
         preds.append(ar(ids, mask))
     return torch.cat(preds) if preds else torch.zeros(0, ar.head.weight.shape[0], device=dev)
 
@@ -495,7 +495,8 @@ def evaluate(run, val, step):
         explanations = [nla.extract_explanation(t) for t in texts]
         preds = ar_predict(run.ar, tokenizer, [e or '' for e in explanations], dev)
         teacher = ar_predict(run.ar, tokenizer, ar_texts(val, rows, 'explanation'), dev)
-        ctx = ar_predict(run.ctx_ar, tokenizer, ar_texts(val, rows, 'context'), dev) if run.ctx_ar is not None else None
+        ctx = None if run.ctx_ar is None else ar_predict(run.ctx_ar, tokenizer, ar_texts(val, rows, 'context'), dev,
+                                                         run.ctx_meta['ar_max_tokens'])
     local = {'rows': rows, 'texts': texts, 'lengths': lengths, 'extracted': [e is not None for e in explanations],
              'acts': acts.cpu(), 'preds': preds.cpu(), 'teacher': teacher.cpu(), 'ctx': None if ctx is None else ctx.cpu()}
     shards = [local]
@@ -544,7 +545,8 @@ def save_checkpoint(run):
     if run.av_opt is not None:
         nla.save_av(run.av, os.path.join(out_dir, 'av.safetensors'), run.av_frozen, {**run.av_meta, **meta})
     if run.ar_opt is not None:
-        nla.save_weights(os.path.join(out_dir, 'ar.safetensors'), nla.trainable_state(run.ar), {**run.ar_meta, **meta})
+        nla.save_weights(os.path.join(out_dir, 'ar.safetensors'), nla.trainable_state(run.ar),
+                         {**run.ar_meta, **meta, 'ar_max_tokens': ar_max_tokens})
     ckpt = {'step': run.step, 'cursor': run.cursor, 'bad_steps': run.bad_steps, 'skipped': run.skipped, 'config': run.config,
             'av': None if run.av_opt is None else nla.trainable_state(run.av),
             'ar': None if run.ar_opt is None else nla.trainable_state(run.ar),
@@ -586,7 +588,8 @@ def load_checkpoint(run):
     log_path = os.path.join(out_dir, 'log.jsonl')
     if master_process and os.path.isfile(log_path):  # steps logged after the checkpoint are run and logged again
         with open(log_path) as f:
-            lines = [line for line in f if json.loads(line)['step'] <= run.step]
+            # a last line cut by a crash has no newline: dropped, as are the steps that will run again
+            lines = [line for line in f if line.endswith('\n') and json.loads(line)['step'] <= run.step]
         with open(log_path + '.tmp', 'w') as f:
             f.writelines(lines)
         os.replace(log_path + '.tmp', log_path)
@@ -877,7 +880,9 @@ def main(config):
         if stage == 'rl' and run.ar_meta['ar_input'] != 'explanation':
             fail(f"init_ar {init_ar} reads contexts (a context-ceiling AR); RL needs an explanation AR")
     if context_ar and stage in ('rl', 'eval'):
-        run.ctx_ar, _ = build_ar(context_ar, meta['layer'], dev)
+        run.ctx_ar, run.ctx_meta = build_ar(context_ar, meta['layer'], dev)
+        if run.ctx_meta['ar_input'] != 'context':
+            fail(f"context_ar {context_ar} reads explanations; the ceiling needs an sft_ar run with ar_input='context'")
     if stage in ('rl', 'eval'):  # the engine starts last, once every model has loaded
         run.engine = start_engine(len(run.prompt_ids), dev) if rollout == 'vllm' else None
         if run.engine is not None:

@@ -159,20 +159,40 @@ class FakeTeacher(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_api_teacher_retries_and_caches(tiny_dir, tmp_path):
+@pytest.fixture
+def teacher_url():
+    FakeTeacher.calls = 0
     server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), FakeTeacher)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    args = ['datagen.py', 'config/datagen_tiny.py', f'--base_model={tiny_dir["llama"]}', f'--corpus={tiny_dir["corpus"]}',
-            f'--out_dir={tmp_path / "out"}', '--teacher=api', f'--api_base_url=http://127.0.0.1:{server.server_port}/v1',
-            '--max_docs=20', '--api_retries=2']
-    try:
-        run_script(*args, env={'OPENAI_API_KEY': 'test-key'})
-        first = FakeTeacher.calls
-        rows = read(tmp_path / 'out', 'val')
-        assert all(e.startswith('<explanation>ends ') for e in rows['explanation'])
-        run_script(*args, env={'OPENAI_API_KEY': 'test-key'})
-        assert FakeTeacher.calls == first  # all from the cache
-    finally:
-        server.shutdown()
+    yield f'http://127.0.0.1:{server.server_port}/v1'
+    server.shutdown()
+
+
+def api_args(tiny_dir, out, url):
+    return ['datagen.py', 'config/datagen_tiny.py', f'--base_model={tiny_dir["llama"]}', f'--corpus={tiny_dir["corpus"]}',
+            f'--out_dir={out}', '--teacher=api', f'--api_base_url={url}', '--max_docs=20', '--api_retries=2']
+
+
+def test_api_teacher_retries_and_caches(tiny_dir, tmp_path, teacher_url):
+    args = api_args(tiny_dir, tmp_path / 'out', teacher_url)
+    run_script(*args, env={'OPENAI_API_KEY': 'test-key'})
+    first = FakeTeacher.calls
+    rows = read(tmp_path / 'out', 'val')
+    assert all(e.startswith('<explanation>ends ') for e in rows['explanation'])
+    run_script(*args, env={'OPENAI_API_KEY': 'test-key'})
+    assert FakeTeacher.calls == first  # all from the cache
     p = run_script(*args[:-1], '--out_dir=' + str(tmp_path / 'other'), env={'OPENAI_API_KEY': ''}, ok=False)
     assert 'OPENAI_API_KEY' in p.stderr.strip().splitlines()[-1]
+
+
+def test_api_cache_line_cut_by_a_crash_is_asked_again(tiny_dir, tmp_path, teacher_url):
+    args = api_args(tiny_dir, tmp_path / 'out', teacher_url)
+    run_script(*args, env={'OPENAI_API_KEY': 'test-key'})
+    cache = tmp_path / 'out' / 'teacher_cache.jsonl'
+    text = cache.read_bytes()
+    cache.write_bytes(text[:len(text) - 1 - len(text.splitlines()[-1]) // 2])  # killed halfway through the last line
+    calls = FakeTeacher.calls
+    run_script(*args, env={'OPENAI_API_KEY': 'test-key'})
+    assert FakeTeacher.calls == calls + 1
+    run_script(*args, env={'OPENAI_API_KEY': 'test-key'})  # the appended line must not have joined the cut one
+    assert FakeTeacher.calls == calls + 1

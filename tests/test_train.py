@@ -64,6 +64,7 @@ def test_resume_ends_in_the_same_state(tiny_dir, tiny_data, sft_runs, tmp_path):
     run_script('train.py', *common, f'--out_dir={tmp_path / "b"}', '--max_steps=2')
     with open(tmp_path / 'b' / 'log.jsonl', 'a') as f:  # as if step 3 was logged and the run then died before its checkpoint
         f.write(json.dumps({'stage': 'rl', 'step': 3, 'reward': 123.0}) + '\n')
+        f.write('{"stage": "rl", "st')  # and died while logging step 4
     run_script('train.py', *common, f'--out_dir={tmp_path / "b"}', '--max_steps=4', '--resume=True')
     for name in ('av.safetensors', 'ar.safetensors'):
         a, b = load_file(tmp_path / 'a' / name), load_file(tmp_path / 'b' / name)
@@ -75,6 +76,22 @@ def test_resume_ends_in_the_same_state(tiny_dir, tiny_data, sft_runs, tmp_path):
     p = run_script('train.py', *common, f'--out_dir={tmp_path / "b"}', '--max_steps=6', '--resume=True', '--kl_coef=0.5',
                    ok=False)
     assert 'kl_coef' in p.stderr.strip().splitlines()[-1]
+
+
+def test_context_ceiling_reads_as_many_tokens_as_its_ar_was_trained_on(tiny_dir, tiny_data, sft_runs, tmp_path):
+    """The context AR was trained on 64 tokens (config/tiny.py); an eval whose own AR reads 16 leaves it at 64."""
+    common = [*base_args(tiny_dir, tiny_data), '--stage=eval', f'--init_av={sft_runs["av"]}',
+              f'--init_ar={sft_runs["ar"]}', f'--context_ar={sft_runs["ar_context"]}']
+    run_script('train.py', *common, f'--out_dir={tmp_path / "a"}')
+    run_script('train.py', *common, f'--out_dir={tmp_path / "b"}', '--ar_max_tokens=16')
+    a, b = read_log(tmp_path / 'a')[-1], read_log(tmp_path / 'b')[-1]
+    assert a['fve_context'] == b['fve_context'] and a['fve_teacher'] != b['fve_teacher'], (a, b)
+
+
+def test_context_ar_must_read_contexts(tiny_dir, tiny_data, sft_runs, tmp_path):
+    p = run_script('train.py', *base_args(tiny_dir, tiny_data), '--stage=eval', f'--out_dir={tmp_path}',
+                   f'--init_av={sft_runs["av"]}', f'--init_ar={sft_runs["ar"]}', f'--context_ar={sft_runs["ar"]}', ok=False)
+    assert "ar_input='context'" in p.stderr.strip().splitlines()[-1]
 
 
 def test_refuses_another_runs_out_dir(tiny_dir, tiny_data, sft_runs):
