@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import transformers
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -380,7 +381,6 @@ def load_av(model, path):
 
 
 def read_meta(path):
-    with open(path, 'rb') as f:
-        n = int.from_bytes(f.read(8), 'little')
-        header = json.loads(f.read(n))
-    return {k: json.loads(v) for k, v in header.get('__metadata__', {}).items()}
+    """The metadata save_weights wrote; a file that is not safetensors raises SafetensorError."""
+    with safe_open(path, 'pt') as f:
+        return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}

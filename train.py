@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import GenerationConfig
 
@@ -172,13 +173,26 @@ def rank_slice(idx):
 # models
 
 
+def read_init(path, keys):
+    """The metadata of a weights file that a stage starts from; it must hold `keys` to rebuild the model."""
+    if not os.path.isfile(path):
+        fail(f"{path} not found")
+    try:
+        meta = nla.read_meta(path)
+    except (SafetensorError, ValueError):  # ValueError: metadata that save_weights did not write
+        fail(f"{path} is not a safetensors file written by this train.py")
+    missing = sorted(set(keys) - meta.keys())
+    if missing:
+        fail(f"{path} has no {', '.join(missing)} in its metadata: it was not written by this train.py")
+    return meta
+
+
 def build_av(init, tokenizer, dev):
     """The verbalizer: base LM + LoRA, from init/av.safetensors when given. Returns (model, frozen adapters, meta)."""
     av = nla.load_lm(base_model, dtype, dev)
     path = os.path.join(init, 'av.safetensors') if init else ''
-    if init and not os.path.isfile(path):
-        fail(f"{path} not found")
-    meta = nla.read_meta(path) if init else {'lora_rank': lora_rank, 'lora_alpha': lora_alpha, 'rslora': rslora}
+    meta = {'lora_rank': lora_rank, 'lora_alpha': lora_alpha, 'rslora': rslora}
+    meta = read_init(path, meta.keys()) if init else meta
     nla.add_lora(av, meta['lora_rank'], meta['lora_alpha'], meta['rslora'])
     frozen = nla.load_av(av, path) if init else []
     av.generation_config = GenerationConfig(  # ours alone: no sampling defaults of the model's leak in
@@ -193,10 +207,9 @@ def build_av(init, tokenizer, dev):
 def build_ar(init, layer, dev):
     """The reconstructor, from init/ar.safetensors when given. Returns (model, its meta)."""
     path = os.path.join(init, 'ar.safetensors') if init else ''
-    if init and not os.path.isfile(path):
-        fail(f"{path} not found")
-    meta = nla.read_meta(path) if init else {'ar_lora_rank': ar_lora_rank, 'lora_alpha': lora_alpha,
-                                             'rslora': rslora, 'ar_input': ar_input, 'layer': layer}
+    meta = {'ar_lora_rank': ar_lora_rank, 'lora_alpha': lora_alpha, 'rslora': rslora, 'ar_input': ar_input,
+            'layer': layer, 'ar_max_tokens': ar_max_tokens}
+    meta = read_init(path, meta.keys()) if init else meta
     if meta['layer'] != layer:
         fail(f"{path} is an AR for layer {meta['layer']}, the data is layer {layer}")
     ar = nla.load_reconstructor(base_model, layer, dtype, dev, meta['ar_lora_rank'], meta['lora_alpha'], meta['rslora'])

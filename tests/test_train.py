@@ -94,6 +94,24 @@ def test_context_ar_must_read_contexts(tiny_dir, tiny_data, sft_runs, tmp_path):
     assert "ar_input='context'" in p.stderr.strip().splitlines()[-1]
 
 
+def test_refuses_an_ar_file_without_the_metadata_to_rebuild_it(tiny_dir, tiny_data, sft_runs, tmp_path):
+    """An ar.safetensors from before ar_max_tokens was recorded cannot tell how many tokens its AR read."""
+    path = os.path.join(sft_runs['ar_context'], 'ar.safetensors')
+    meta = {k: v for k, v in nla.read_meta(path).items() if k != 'ar_max_tokens'}
+    (tmp_path / 'old').mkdir()
+    nla.save_weights(str(tmp_path / 'old' / 'ar.safetensors'), load_file(path), meta)
+    p = run_script('train.py', *base_args(tiny_dir, tiny_data), '--stage=eval', f'--out_dir={tmp_path / "out"}',
+                   f'--init_av={sft_runs["av"]}', f'--init_ar={sft_runs["ar"]}', f'--context_ar={tmp_path / "old"}', ok=False)
+    assert 'has no ar_max_tokens in its metadata' in p.stderr.strip().splitlines()[-1]
+
+
+def test_refuses_an_init_that_is_not_safetensors(tiny_dir, tiny_data, tmp_path):
+    (tmp_path / 'av.safetensors').write_text('not weights')
+    p = run_script('train.py', *base_args(tiny_dir, tiny_data), '--stage=sft_av', f'--out_dir={tmp_path / "out"}',
+                   f'--init_av={tmp_path}', ok=False)
+    assert 'is not a safetensors file' in p.stderr.strip().splitlines()[-1]
+
+
 def test_refuses_another_runs_out_dir(tiny_dir, tiny_data, sft_runs):
     p = run_script('train.py', *base_args(tiny_dir, tiny_data), '--stage=sft_ar', f'--out_dir={sft_runs["ar"]}', ok=False)
     assert 'holds another run' in p.stderr.strip().splitlines()[-1]
