@@ -45,10 +45,13 @@ def configure(script_globals, argv=None):
             if not os.path.isfile(arg):
                 _fail(f"config file '{arg}' not found")
             namespace = dict(config)
-            with open(arg) as f:
-                exec(compile(f.read(), arg, 'exec'), namespace)
+            try:
+                with open(arg) as f:
+                    exec(compile(f.read(), arg, 'exec'), namespace)
+            except Exception as e:  # the file's own error, in one line
+                _fail(f"config file '{arg}' failed: {type(e).__name__}: {e}")
             for key, value in namespace.items():
-                if key.startswith('_') or key == '__builtins__' or type(value) not in CONFIG_TYPES:
+                if key.startswith('_') or key == '__builtins__' or (key not in config and type(value) not in CONFIG_TYPES):
                     continue  # imports and helpers a config file uses
                 if key not in config or value is not config[key]:
                     config[key] = _check(key, value, config, arg)

@@ -54,3 +54,21 @@ def test_save_config(tmp_path):
     import json
     configurator.save_config(defaults(), tmp_path / 'out')
     assert json.loads((tmp_path / 'out' / 'config.json').read_text()) == defaults()
+
+
+@pytest.mark.parametrize('text, message', [("lr = (3e-4\n", "failed: SyntaxError"), ("lr = 2 * undefined\n", "failed: NameError")])
+def test_a_config_file_that_raises_stops_with_one_line(tmp_path, text, message):
+    cfg = tmp_path / 'c.py'
+    cfg.write_text(text)
+    with pytest.raises(SystemExit) as e:
+        configurator.configure(defaults(), [str(cfg)])
+    assert message in str(e.value) and '\n' not in str(e.value)
+
+
+@pytest.mark.parametrize('value', ['None', '__import__("fractions").Fraction(1, 2)'])
+def test_a_known_key_of_another_type_in_a_file_is_refused(tmp_path, value):
+    """A value of a type config does not hold (None, a numpy int) was once taken for a helper and dropped."""
+    cfg = tmp_path / 'c.py'
+    cfg.write_text(f"steps = {value}\n")
+    with pytest.raises(SystemExit, match="'steps' in .*c.py must be int"):
+        configurator.configure(defaults(), [str(cfg)])
