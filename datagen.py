@@ -80,23 +80,41 @@ def read_corpus(path):
     """A list of document strings from a local file or an hf:// parquet."""
     if path.startswith('hf://'):
         from huggingface_hub import hf_hub_download
-        owner, repo, filename = path[len('hf://'):].split('/', 2)
-        path = hf_hub_download(f"{owner}/{repo}", filename, repo_type='dataset')
+        parts = path[len('hf://'):].split('/', 2)
+        if len(parts) != 3 or not all(parts):
+            fail(f"corpus '{path}' must look like hf://OWNER/REPO/FILE.parquet")
+        try:
+            path = hf_hub_download(f"{parts[0]}/{parts[1]}", parts[2], repo_type='dataset')
+        except OSError as e:  # the hub's errors (not found, offline) are OSErrors
+            fail(f"corpus '{path}' could not be downloaded ({type(e).__name__})")
+    if os.path.isdir(path):
+        fail(f"corpus '{path}' is a folder, not a file")
     if not os.path.isfile(path):
         fail(f"corpus '{path}' not found")
-    if path.endswith('.parquet'):
-        table = pq.read_table(path)
-        if 'text' not in table.column_names:
-            fail(f"corpus '{path}' has no 'text' column (columns: {table.column_names})")
-        docs = table.column('text').to_pylist()
-    elif path.endswith('.jsonl'):
-        with open(path) as f:
-            docs = [json.loads(line)['text'] for line in f if line.strip()]
-    elif path.endswith('.txt'):
-        with open(path) as f:
-            docs = f.read().split('\n\n')
-    else:
-        fail(f"corpus '{path}' must be .parquet, .jsonl or .txt")
+    try:  # ArrowInvalid, JSONDecodeError and UnicodeDecodeError are all ValueErrors
+        if path.endswith('.parquet'):
+            table = pq.read_table(path)
+            if 'text' not in table.column_names:
+                fail(f"corpus '{path}' has no 'text' column (columns: {table.column_names})")
+            docs = table.column('text').to_pylist()
+        elif path.endswith('.jsonl'):
+            docs = []
+            with open(path, encoding='utf-8') as f:
+                for n, line in enumerate(f, 1):
+                    try:
+                        docs.append(json.loads(line)['text'] if line.strip() else None)
+                    except (ValueError, KeyError, TypeError):
+                        fail(f"corpus '{path}' line {n} is not a JSON object with a 'text' key")
+        elif path.endswith('.txt'):
+            with open(path, encoding='utf-8') as f:
+                docs = f.read().split('\n\n')
+        else:
+            fail(f"corpus '{path}' must be .parquet, .jsonl or .txt")
+    except ValueError as e:
+        fail(f"corpus '{path}' cannot be read: {e}")
+    bad = [i for i, d in enumerate(docs) if not isinstance(d, (str, type(None)))]
+    if bad:
+        fail(f"corpus '{path}': document {bad[0]} is {type(docs[bad[0]]).__name__}, not a string ({len(bad)} such)")
     docs = [d for d in docs if d and d.strip()]
     if not docs:
         fail(f"corpus '{path}' has no documents")
@@ -158,18 +176,19 @@ def api_call(context, api_key):
 def api_explanations(contexts, cache_path):
     """Explanations from the api teacher, with an on-disk cache keyed by model and context, so an
     interrupted run resumes without paying twice."""
-    api_key = os.environ.get(api_key_env)
-    if not api_key:
-        fail(f"teacher='api' needs the key in the environment variable {api_key_env}, which is not set")
+    api_key = os.environ[api_key_env]  # checked by main() before any work
     key = lambda c: hashlib.sha256(f"{api_model}\n{API_INSTRUCTION}\n{c}".encode()).hexdigest()
     cache = {}
     if os.path.exists(cache_path):
         with open(cache_path, 'rb+') as f:
             *lines, cut = f.read().split(b'\n')
             f.truncate(f.tell() - len(cut))  # a line cut by a crash goes, so appends start on a line of their own
-        for line in lines:
-            entry = json.loads(line)
-            cache[entry['key']] = entry['explanation']
+        for n, line in enumerate(lines, 1):
+            try:
+                entry = json.loads(line)
+                cache[entry['key']] = entry['explanation']
+            except (ValueError, KeyError, TypeError):
+                fail(f"teacher cache '{cache_path}' line {n} is not a cache entry: delete that line or the file")
     todo = sorted({c for c in contexts if key(c) not in cache})
     lock, t0, done = threading.Lock(), time.time(), [0]
 
@@ -208,12 +227,25 @@ def write_outputs(tables, meta):
 
 def main(config):
     run_device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
+    if torch.device(run_device).type == 'cuda' and not torch.cuda.is_available():
+        fail(f"device={device!r} but torch sees no CUDA device")
     if set(splits) != set(SPLITS) or min(splits.values()) < 0 or abs(sum(splits.values()) - 1) > 1e-6:
         fail(f"splits must give fractions of {SPLITS} summing to 1, got {splits}")
+    for name, low in (('batch_size', 1), ('positions_per_doc', 1), ('max_docs', 0), ('min_position', 0)):
+        if config[name] < low:
+            fail(f"{name} must be >= {low}, got {config[name]}")
+    if min_position >= max_length:
+        fail(f"min_position={min_position} must be below max_length={max_length}, or no document has a position")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        fail(f"out_dir '{out_dir}' is a file, not a folder")
+    if teacher not in ('context', 'api'):
+        fail(f"teacher must be 'context' or 'api', got '{teacher}'")
+    if teacher == 'api' and not os.environ.get(api_key_env):
+        fail(f"teacher='api' needs the key in the environment variable {api_key_env}, which is not set")
     docs = read_corpus(corpus)[:max_docs or None]
-    tokenizer = nla.load_tokenizer(base_model)
-    prompt_ids, marker_pos = nla.av_prompt(tokenizer, marker)  # a bad marker fails here, before any work
-    try:
+    try:  # a missing model, a bad marker or layer fails here, before any work
+        tokenizer = nla.load_tokenizer(base_model)
+        prompt_ids, marker_pos = nla.av_prompt(tokenizer, marker)
         backbone = nla.load_backbone(base_model, layer + 1, dtype, run_device)
     except ValueError as e:
         fail(str(e))
@@ -257,11 +289,9 @@ def main(config):
     needs = [i for i, (_, _, s) in enumerate(rows) if s != 'rl']
     if teacher == 'context':
         taught = [context_explanation(contexts[i]) for i in needs]
-    elif teacher == 'api':
+    else:
         os.makedirs(out_dir, exist_ok=True)
         taught = api_explanations([contexts[i] for i in needs], os.path.join(out_dir, 'teacher_cache.jsonl'))
-    else:
-        fail(f"teacher must be 'context' or 'api', got '{teacher}'")
     explanations = [''] * len(rows)
     for i, text in zip(needs, taught):
         explanations[i] = text
@@ -280,7 +310,7 @@ def main(config):
             'explanation': pa.array([explanations[i] for i in idx], pa.string()),
         })
     meta = {
-        'base_model': base_model, 'layer': layer, 'd_model': d_model, 'vocab_size': len(tokenizer),
+        'base_model': base_model, 'layer': layer, **nla.model_signature(base_model), 'vocab_size': len(tokenizer),
         'marker': marker, 'marker_id': prompt_ids[marker_pos],
         'alpha': quantiles['q75'],  # the paper's injection scale: the 75th percentile of activation norms
         'norm_quantiles': quantiles, 'teacher': teacher,

@@ -41,10 +41,19 @@ def torch_dtype(name):
 
 
 def load_tokenizer(name):
-    tok = AutoTokenizer.from_pretrained(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except OSError as e:
+        raise ValueError(f"base_model '{name}' is not a model folder, and the hub did not give it ({type(e).__name__})") from e
     if tok.pad_token_id is None:  # padding is always masked explicitly, so any id will do
         tok.pad_token = tok.eos_token
     return tok
+
+
+def model_signature(name):
+    """What data and weights record of the model they were made with, so that another one is refused."""
+    cfg = AutoConfig.from_pretrained(name).get_text_config()
+    return {'model_type': cfg.model_type, 'n_layers': cfg.num_hidden_layers, 'd_model': cfg.hidden_size}
 
 
 def load_lm(name, dtype='bfloat16', device='cpu'):

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import sys
 import time
@@ -117,33 +118,55 @@ def print0(*args, **kwargs):
 # -----------------------------------------------------------------------------
 # data
 
+IDENTITY = ('model_type', 'n_layers', 'd_model', 'layer')  # data and weights record the model and layer they were made for
+
+
+def load_meta():
+    """data_dir/meta.json, which must hold what train.py reads of it."""
+    path = os.path.join(data_dir, 'meta.json')
+    if not os.path.isfile(path):
+        fail(f"{path} not found: run datagen.py first")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except ValueError:
+        fail(f"{path} is not JSON (cut short?): run datagen.py again")
+    missing = sorted({*IDENTITY, 'base_model', 'vocab_size', 'marker', 'marker_id', 'alpha'} - meta.keys())
+    if missing:
+        fail(f"{path} has no {', '.join(missing)}: it was not written by this datagen.py")
+    if not isinstance(meta['alpha'], (int, float)) or not 0 < meta['alpha'] < math.inf:
+        fail(f"{path}: alpha must be a finite number > 0, got {meta['alpha']}")
+    return meta
+
 
 def load_split(split, d_model):
     """One split as tensors and lists; activations (N, d) float32."""
     path = os.path.join(data_dir, f"{split}.parquet")
     if not os.path.isfile(path):
         fail(f"{path} not found: run datagen.py first")
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path, columns=['activation', 'context', 'explanation'])
+    except (OSError, ValueError) as e:  # a cut or foreign file; ArrowInvalid is a ValueError
+        fail(f"{path} is not a split written by datagen.py ({str(e).splitlines()[0]})")
+    if table.num_rows == 0:
+        fail(f"{path} has no rows")
     acts = table.column('activation').combine_chunks()
-    if acts.type.list_size != d_model:
-        fail(f"{path}: activations have {acts.type.list_size} dims, meta.json says d_model {d_model}")
+    if getattr(acts.type, 'list_size', None) != d_model:
+        fail(f"{path}: activations must be fixed-size lists of meta.json's d_model {d_model}, got {acts.type}")
     acts = torch.from_numpy(acts.flatten().to_numpy().reshape(-1, d_model).copy())
-    bad = torch.nonzero(~torch.isfinite(acts).all(1)).flatten()
+    bad = torch.nonzero(~torch.isfinite(acts).all(1) | (acts == 0).all(1)).flatten()
     if len(bad):
-        fail(f"{path}: row {bad[0].item()} has a NaN or inf activation")
+        fail(f"{path}: row {bad[0].item()} has a NaN, inf or all-zero activation")
     return {'acts': acts, 'context': table.column('context').to_pylist(),
             'explanation': table.column('explanation').to_pylist()}
 
 
-def check_meta(meta, lm_config, tokenizer):
-    """Stop before training if the data was made for another model or tokenizer."""
-    cfg = lm_config.get_text_config()
-    problems = []
-    if meta['d_model'] != cfg.hidden_size:
-        problems.append(f"d_model {meta['d_model']} vs the model's {cfg.hidden_size}")
-    if not 0 <= meta['layer'] < cfg.num_hidden_layers:
-        problems.append(f"layer {meta['layer']} vs the model's {cfg.num_hidden_layers} blocks")
-    if meta.get('vocab_size', len(tokenizer)) != len(tokenizer):
+def check_meta(meta, signature, tokenizer):
+    """Stop before any model loads if the data was made for another model or tokenizer."""
+    problems = [f"{k} {meta[k]!r} vs the model's {v!r}" for k, v in signature.items() if meta[k] != v]
+    if not 0 <= meta['layer'] < signature['n_layers']:
+        problems.append(f"layer {meta['layer']} vs the model's {signature['n_layers']} blocks")
+    if meta['vocab_size'] != len(tokenizer):
         problems.append(f"vocab size {meta['vocab_size']} vs the tokenizer's {len(tokenizer)}")
     if tokenizer.encode(meta['marker'], add_special_tokens=False) != [meta['marker_id']]:
         problems.append(f"marker {meta['marker']!r} is not token {meta['marker_id']} in this tokenizer")
@@ -173,28 +196,39 @@ def rank_slice(idx):
 # models
 
 
-def read_init(path, keys):
-    """The metadata of a weights file that a stage starts from; it must hold `keys` to rebuild the model."""
+def read_init(path, keys, data_meta):
+    """The metadata of a weights file that a stage starts from: it must hold `keys` to rebuild the model,
+    and have been made for the data's model and layer."""
     if not os.path.isfile(path):
         fail(f"{path} not found")
     try:
         meta = nla.read_meta(path)
     except (SafetensorError, ValueError):  # ValueError: metadata that save_weights did not write
         fail(f"{path} is not a safetensors file written by this train.py")
-    missing = sorted(set(keys) - meta.keys())
+    missing = sorted({*keys, *IDENTITY} - meta.keys())
     if missing:
         fail(f"{path} has no {', '.join(missing)} in its metadata: it was not written by this train.py")
+    wrong = [f"{k} {meta[k]!r}, the data's is {data_meta[k]!r}" for k in IDENTITY if meta[k] != data_meta[k]]
+    if wrong:
+        fail(f"{path} was made for another model or layer: {'; '.join(wrong)}")
     return meta
 
 
-def build_av(init, tokenizer, dev):
+def load_weights(load, model, path):
+    try:
+        return load(model, path)
+    except ValueError as e:  # names or shapes that do not fit this model
+        fail(str(e))
+
+
+def build_av(init, data_meta, tokenizer, dev):
     """The verbalizer: base LM + LoRA, from init/av.safetensors when given. Returns (model, frozen adapters, meta)."""
     av = nla.load_lm(base_model, dtype, dev)
     path = os.path.join(init, 'av.safetensors') if init else ''
     meta = {'lora_rank': lora_rank, 'lora_alpha': lora_alpha, 'rslora': rslora}
-    meta = read_init(path, meta.keys()) if init else meta
+    meta = read_init(path, meta.keys(), data_meta) if init else meta
     nla.add_lora(av, meta['lora_rank'], meta['lora_alpha'], meta['rslora'])
-    frozen = nla.load_av(av, path) if init else []
+    frozen = load_weights(nla.load_av, av, path) if init else []
     av.generation_config = GenerationConfig(  # ours alone: no sampling defaults of the model's leak in
         do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
         eos_token_id=nla.end_token_ids(av, tokenizer), pad_token_id=tokenizer.pad_token_id,
@@ -204,17 +238,15 @@ def build_av(init, tokenizer, dev):
     return av, frozen, meta
 
 
-def build_ar(init, layer, dev):
+def build_ar(init, data_meta, dev):
     """The reconstructor, from init/ar.safetensors when given. Returns (model, its meta)."""
     path = os.path.join(init, 'ar.safetensors') if init else ''
     meta = {'ar_lora_rank': ar_lora_rank, 'lora_alpha': lora_alpha, 'rslora': rslora, 'ar_input': ar_input,
-            'layer': layer, 'ar_max_tokens': ar_max_tokens}
-    meta = read_init(path, meta.keys()) if init else meta
-    if meta['layer'] != layer:
-        fail(f"{path} is an AR for layer {meta['layer']}, the data is layer {layer}")
-    ar = nla.load_reconstructor(base_model, layer, dtype, dev, meta['ar_lora_rank'], meta['lora_alpha'], meta['rslora'])
+            'ar_max_tokens': ar_max_tokens}
+    meta = read_init(path, meta.keys(), data_meta) if init else meta
+    ar = nla.load_reconstructor(base_model, data_meta['layer'], dtype, dev, meta['ar_lora_rank'], meta['lora_alpha'], meta['rslora'])
     if init:
-        nla.load_trainable(ar, load_file(path), path)
+        load_weights(lambda m, p: nla.load_trainable(m, load_file(p), p), ar, path)
     if gradient_checkpointing:
         ar.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
     return ar, meta
@@ -554,7 +586,7 @@ def save_checkpoint(run):
         check_ranks_agree(run, run.dev)
     if not master_process:
         return
-    meta = {'stage': stage, 'step': run.step, 'base_model': base_model, 'layer': run.meta['layer']}
+    meta = {'stage': stage, 'step': run.step, 'base_model': base_model, **{k: run.meta[k] for k in IDENTITY}}
     if run.av_opt is not None:
         nla.save_av(run.av, os.path.join(out_dir, 'av.safetensors'), run.av_frozen, {**run.av_meta, **meta})
     if run.ar_opt is not None:
@@ -582,7 +614,10 @@ def load_checkpoint(run):
     path = os.path.join(out_dir, 'ckpt.pt')
     if not os.path.isfile(path):
         fail(f"resume=True but {path} does not exist")
-    ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError):
+        fail(f"{path} cannot be read (cut short by a crash?): resume from a copy, or start again")
     saved = ckpt['config']
     changed = sorted(k for k in set(saved) | set(run.config) if k not in RESUMABLE and saved.get(k) != run.config.get(k))
     if changed:
@@ -673,7 +708,7 @@ def sft_steps(n_rows):
 def sft_av(run):
     """The AV learns to write the warm-start explanation for the injected activation: cross-entropy
     on the response tokens (the end token included), prompt and padding masked."""
-    train, val, dev, tok = load_split('av_sft', run.d), load_split('val', run.d), run.dev, run.tokenizer
+    train, val, dev, tok = run.train, run.val, run.dev, run.tokenizer
     total = sft_steps(len(train['acts']))
 
     def targets(data, rows):
@@ -714,7 +749,7 @@ def sft_av(run):
 def sft_ar(run):
     """The AR learns text -> activation with the normalised MSE; ar_input='context' trains the
     context-ceiling control on the raw context instead of the explanation."""
-    train, val, dev = load_split('ar_sft', run.d), load_split('val', run.d), run.dev
+    train, val, dev = run.train, run.val, run.dev
     total = sft_steps(len(train['acts']))
 
     def update(step):
@@ -738,7 +773,7 @@ def sft_ar(run):
 
 def rl(run):
     """GRPO: rollouts() -> score() -> advantages() -> policy_loss() -> ar_step(), once per step."""
-    data, val, dev, tok = load_split('rl', run.d), load_split('val', run.d), run.dev, run.tokenizer
+    data, val, dev, tok = run.train, run.val, run.dev, run.tokenizer
     pad_id = tok.pad_token_id
 
     def update(step):
@@ -810,7 +845,7 @@ def rl(run):
 
 
 def eval_stage(run):
-    record, examples = evaluate(run, load_split('val', run.d), 0)
+    record, examples = evaluate(run, run.val, 0)
     print0(f"eval | {fmt(record)}")
     print_examples(examples)
     log(run, record)
@@ -837,6 +872,17 @@ def check_config():
         fail(f"group_size={group_size}: GRPO compares rollouts within a group, so it needs at least 2")
     if ar_input not in ('explanation', 'context'):
         fail(f"ar_input must be 'explanation' or 'context', got '{ar_input}'")
+    if dtype not in nla.DTYPES:
+        fail(f"dtype must be one of {sorted(nla.DTYPES)}, got '{dtype}'")
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        fail(f"device='{device}' but torch sees no CUDA device")
+    for name in ('batch_size', 'micro_batch', 'batch_prompts', 'group_size', 'max_new_tokens', 'gen_batch_size', 'epochs',
+                 'eval_interval', 'eval_rows', 'ckpt_interval', 'log_interval', 'max_bad_steps', 'ar_max_tokens', 'lora_rank'):
+        if globals()[name] < 1:
+            fail(f"{name} must be at least 1, got {globals()[name]}")
+    for name in ('max_steps', 'lr', 'ar_lr', 'weight_decay', 'ar_lora_rank', 'eval_examples', 'length_penalty', 'kl_coef'):
+        if globals()[name] < 0:
+            fail(f"{name} must not be negative, got {globals()[name]}")
     for name, value in (('batch_size', batch_size), ('batch_prompts', batch_prompts)):
         if value % ddp_world_size:
             fail(f"{name}={value} must divide by the number of ranks, {ddp_world_size}")
@@ -844,8 +890,11 @@ def check_config():
         fail("stage 'rl' needs max_steps > 0")
     if stage in ('rl', 'eval') and (not init_av or not init_ar):
         fail(f"stage '{stage}' needs init_av and init_ar (the sft_av and sft_ar out_dirs)")
-    if stage != 'eval' and not resume and os.path.exists(os.path.join(out_dir, 'ckpt.pt')):
-        fail(f"{out_dir} holds another run's ckpt.pt: pass --resume=True to continue it, or choose another out_dir")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        fail(f"out_dir {out_dir} is a file")
+    held = [f for f in ('ckpt.pt', 'log.jsonl') if os.path.exists(os.path.join(out_dir, f))]
+    if held and not resume:  # a log without a checkpoint: a run that died before saving, or an eval
+        fail(f"{out_dir} holds another run ({', '.join(held)}): pass --resume=True to continue it, or choose another out_dir")
 
 
 def main(config):
@@ -858,12 +907,12 @@ def main(config):
         dist.init_process_group('nccl' if dev.startswith('cuda') else 'gloo')
     if master_process:
         print(json.dumps(config))
-    meta_path = os.path.join(data_dir, 'meta.json')
-    if not os.path.isfile(meta_path):
-        fail(f"{meta_path} not found: run datagen.py first")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    tokenizer = nla.load_tokenizer(base_model)
+    meta = load_meta()
+    try:
+        tokenizer = nla.load_tokenizer(base_model)
+    except ValueError as e:
+        fail(str(e))
+    check_meta(meta, nla.model_signature(base_model), tokenizer)
     torch.manual_seed(seed)  # the same fresh LoRA on every rank
     np.random.seed(seed)
     random.seed(seed)
@@ -872,12 +921,14 @@ def main(config):
     run.config, run.meta, run.tokenizer, run.dev, run.d = config, meta, tokenizer, dev, meta['d_model']
     run.prompt_ids, run.marker_pos = nla.av_prompt(tokenizer, meta['marker'])
     run.alpha = meta['alpha']
+    train_split = {'sft_av': 'av_sft', 'sft_ar': 'ar_sft', 'rl': 'rl', 'eval': None}[stage]
+    run.train = load_split(train_split, run.d) if train_split else None  # every input is read before out_dir is written
+    run.val = load_split('val', run.d)
     run.av = run.ar = run.ctx_ar = run.av_opt = run.ar_opt = run.engine = None
     run.av_frozen, run.av_meta, run.ar_meta = [], {}, {}
     run.step, run.cursor, run.bad_steps, run.skipped = 0, 0, 0, 0
     if stage in ('sft_av', 'rl', 'eval'):
-        run.av, run.av_frozen, run.av_meta = build_av(init_av, tokenizer, dev)
-        check_meta(meta, run.av.config, tokenizer)
+        run.av, run.av_frozen, run.av_meta = build_av(init_av, meta, tokenizer, dev)
         run.end_ids = nla.end_token_ids(run.av, tokenizer)
         if stage == 'rl':  # the SFT adapter becomes the frozen reference; a fresh one is trained on top
             run.av_frozen.append(nla.trainable_state(run.av))
@@ -885,15 +936,14 @@ def main(config):
         if stage != 'eval':
             run.av_opt = torch.optim.AdamW(trainable(run.av), lr=lr, weight_decay=weight_decay)
     if stage in ('sft_ar', 'rl', 'eval'):
-        run.ar, run.ar_meta = build_ar(init_ar, meta['layer'], dev)
-        if run.av is None:
-            check_meta(meta, run.ar.backbone.config, tokenizer)
+        run.ar, run.ar_meta = build_ar(init_ar, meta, dev)
         if stage != 'eval':
             run.ar_opt = torch.optim.AdamW(trainable(run.ar), lr=ar_lr, weight_decay=weight_decay)
-        if stage == 'rl' and run.ar_meta['ar_input'] != 'explanation':
-            fail(f"init_ar {init_ar} reads contexts (a context-ceiling AR); RL needs an explanation AR")
+        reads = ar_input if stage == 'sft_ar' else 'explanation'
+        if run.ar_meta['ar_input'] != reads:
+            fail(f"init_ar {init_ar} is an AR of ar_input='{run.ar_meta['ar_input']}'; stage '{stage}' needs one of '{reads}'")
     if context_ar and stage in ('rl', 'eval'):
-        run.ctx_ar, run.ctx_meta = build_ar(context_ar, meta['layer'], dev)
+        run.ctx_ar, run.ctx_meta = build_ar(context_ar, meta, dev)
         if run.ctx_meta['ar_input'] != 'context':
             fail(f"context_ar {context_ar} reads explanations; the ceiling needs an sft_ar run with ar_input='context'")
     if stage in ('rl', 'eval'):  # the engine starts last, once every model has loaded

@@ -88,13 +88,15 @@ def tiny_dir(tmp_path_factory):
 
 
 def run_script(script, *args, ok=True, env=None, cwd=ROOT):
-    """Run a top-level script as a user would; check its exit status."""
+    """Run a top-level script as a user would; check its exit status, and that a failure is one line, not a traceback."""
     import subprocess
     full_env = {**os.environ, 'PYTHONUNBUFFERED': '1', **(env or {})}
     p = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
                        text=True, env=full_env, cwd=cwd)
     if ok and p.returncode != 0:
         raise AssertionError(f"{script} {' '.join(map(str, args))} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    if not ok:
+        assert p.returncode != 0 and 'Traceback' not in p.stderr, p.stderr[-3000:]
     return p
 
 

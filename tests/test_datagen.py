@@ -20,6 +20,12 @@ def read(out, split):
     return pq.read_table(os.path.join(out, f'{split}.parquet')).to_pydict()
 
 
+def parquet_bytes(table):
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
 def test_writes_four_splits_and_meta(tiny_data, tiny_dir):
     meta = json.load(open(os.path.join(tiny_data, 'meta.json')))
     for key in ('base_model', 'layer', 'd_model', 'marker', 'marker_id', 'alpha', 'norm_quantiles', 'teacher',
@@ -34,6 +40,11 @@ def test_writes_four_splits_and_meta(tiny_data, tiny_dir):
         assert str(t.schema.field('activation').type) == 'fixed_size_list<element: float>[64]'
         assert {'doc_id', 'position', 'context', 'activation', 'explanation'} <= set(t.column_names)
     assert not [f for f in os.listdir(tiny_data) if f.startswith('.tmp')]
+
+
+def test_meta_records_the_model_signature(tiny_data):
+    meta = json.load(open(os.path.join(tiny_data, 'meta.json')))
+    assert (meta['model_type'], meta['n_layers'], meta['d_model']) == ('llama', 4, 64)
 
 
 def test_splits_are_document_disjoint(tiny_data):
@@ -108,13 +119,55 @@ def test_txt_corpus(tiny_dir, tmp_path):
     (['--splits={"av_sft": 0.5, "rl": 0.5}'], "splits must give fractions"),
     (['--teacher=oracle'], "teacher must be"),
     (['--max_docs=2'], "got no document"),
+    (['--max_docs=-5'], "max_docs must be >= 0"),
+    (['--batch_size=0'], "batch_size must be >= 1"),
+    (['--positions_per_doc=0'], "positions_per_doc must be >= 1"),
+    (['--min_position=128'], "must be below max_length=128"),
+    (['--marker=@@@@@@@@'], "must be one"),
+    (['--marker=<|im_start|>'], "times in the AV prompt, must be once"),
+    (['--base_model=/nonexistent/model'], "base_model '/nonexistent/model' is not a model folder"),
+    pytest.param(['--device=cuda'], "torch sees no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason='needs a machine without CUDA')),
 ])
 def test_bad_input_one_line_and_no_output(tiny_dir, tmp_path, args, message):
     out = tmp_path / 'out'
     p = run_script('datagen.py', 'config/datagen_tiny.py', f'--base_model={tiny_dir["llama"]}',
                    f'--corpus={tiny_dir["corpus"]}', f'--out_dir={out}', *args, ok=False)
-    assert p.returncode != 0 and message in p.stderr.strip().splitlines()[-1]
+    assert message in p.stderr.strip().splitlines()[-1]
     assert not out.exists() or not [f for f in os.listdir(out) if not f.startswith('teacher_cache')]
+
+
+@pytest.mark.parametrize('name, content, message', [
+    ('c.parquet', parquet_bytes(pa.table({'text': synthetic_docs(5)}))[:300], "Parquet magic bytes not found"),
+    ('c.parquet', parquet_bytes(pa.table({'text': [1, 2]})), "document 0 is int, not a string"),
+    ('c.jsonl', b'{"text": "a b"}\nnot json\n', "line 2 is not a JSON object"),
+    ('c.jsonl', b'{"text": "a b"}\n{"body": "c d"}\n', "line 2 is not a JSON object with a 'text' key"),
+    ('c.txt', b'caf\xe9 au lait', "'utf-8' codec can't decode"),
+    ('folder.txt', None, "is a folder, not a file"),
+    ('hf://foo', None, "must look like hf://OWNER/REPO/FILE.parquet"),
+    ('hf://owner/repo/c.parquet', None, "could not be downloaded"),
+], ids=['truncated parquet', 'non-string text', 'jsonl not json', 'jsonl no text', 'txt not utf-8', 'folder',
+        'malformed hf', 'hf offline'])
+def test_unreadable_corpus_one_line(tiny_dir, tmp_path, name, content, message):
+    corpus = name if name.startswith('hf://') else tmp_path / name
+    if content is not None:
+        corpus.write_bytes(content)
+    elif not name.startswith('hf://'):
+        corpus.mkdir()
+    p = run_script('datagen.py', 'config/datagen_tiny.py', f'--base_model={tiny_dir["llama"]}', f'--corpus={corpus}',
+                   f'--out_dir={tmp_path / "out"}', env={'HF_HUB_OFFLINE': '1'}, ok=False)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode != 0 and last.startswith(f"datagen: corpus '{corpus}") and message in last
+    assert not (tmp_path / 'out').exists()
+
+
+def test_out_dir_that_is_a_file_fails_first(tiny_dir, tmp_path):
+    out = tmp_path / 'out'
+    out.write_text('keep me')
+    p = run_script('datagen.py', 'config/datagen_tiny.py', f'--base_model={tiny_dir["llama"]}',
+                   f'--corpus={tiny_dir["corpus"]}', f'--out_dir={out}', ok=False)
+    assert f"out_dir '{out}' is a file" in p.stderr.strip().splitlines()[-1] and out.read_text() == 'keep me'
+    assert 'documents:' not in p.stderr  # before any work
 
 
 def test_empty_corpus(tiny_dir, tmp_path):
@@ -181,8 +234,12 @@ def test_api_teacher_retries_and_caches(tiny_dir, tmp_path, teacher_url):
     assert all(e.startswith('<explanation>ends ') for e in rows['explanation'])
     run_script(*args, env={'OPENAI_API_KEY': 'test-key'})
     assert FakeTeacher.calls == first  # all from the cache
-    p = run_script(*args[:-1], '--out_dir=' + str(tmp_path / 'other'), env={'OPENAI_API_KEY': ''}, ok=False)
-    assert 'OPENAI_API_KEY' in p.stderr.strip().splitlines()[-1]
+
+
+def test_api_key_missing_fails_first_and_leaves_no_folder(tiny_dir, tmp_path):
+    out = tmp_path / 'out'
+    p = run_script(*api_args(tiny_dir, out, 'http://127.0.0.1:9/v1'), env={'OPENAI_API_KEY': ''}, ok=False)
+    assert 'OPENAI_API_KEY' in p.stderr.strip().splitlines()[-1] and not out.exists()
 
 
 def test_api_cache_line_cut_by_a_crash_is_asked_again(tiny_dir, tmp_path, teacher_url):
@@ -196,3 +253,12 @@ def test_api_cache_line_cut_by_a_crash_is_asked_again(tiny_dir, tmp_path, teache
     assert FakeTeacher.calls == calls + 1
     run_script(*args, env={'OPENAI_API_KEY': 'test-key'})  # the appended line must not have joined the cut one
     assert FakeTeacher.calls == calls + 1
+
+
+def test_api_cache_line_that_is_not_json_is_named(tiny_dir, tmp_path, teacher_url):
+    cache = tmp_path / 'out' / 'teacher_cache.jsonl'
+    cache.parent.mkdir()
+    cache.write_text('{"key": "a", "explanation": "b"}\n{"key": "c", "expl\n{"key": "d", "explanation": "e"}\n')
+    p = run_script(*api_args(tiny_dir, tmp_path / 'out', teacher_url), env={'OPENAI_API_KEY': 'test-key'}, ok=False)
+    last = p.stderr.strip().splitlines()[-1]
+    assert f"teacher cache '{cache}' line 2 is not a cache entry: delete that line or the file" in last

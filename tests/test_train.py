@@ -5,6 +5,8 @@ import os
 import shutil
 import statistics
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -94,15 +96,46 @@ def test_context_ar_must_read_contexts(tiny_dir, tiny_data, sft_runs, tmp_path):
     assert "ar_input='context'" in p.stderr.strip().splitlines()[-1]
 
 
+def edited_weights(run_dir, name, dst, edit=None, drop=()):
+    """A copy of a run's weights file in folder dst, its metadata edited."""
+    path = os.path.join(run_dir, name)
+    meta = {k: v for k, v in nla.read_meta(path).items() if k not in drop}
+    dst.mkdir()
+    nla.save_weights(str(dst / name), load_file(path), {**meta, **(edit or {})})
+    return dst
+
+
+def eval_fails(tiny_dir, tiny_data, tmp_path, av, ar, *args):
+    """The last stderr line of an eval that must fail, having written nothing."""
+    p = run_script('train.py', *base_args(tiny_dir, tiny_data), '--stage=eval', f'--out_dir={tmp_path / "out"}',
+                   f'--init_av={av}', f'--init_ar={ar}', *args, ok=False)
+    assert not (tmp_path / 'out').exists()
+    return p.stderr.strip().splitlines()[-1]
+
+
 def test_refuses_an_ar_file_without_the_metadata_to_rebuild_it(tiny_dir, tiny_data, sft_runs, tmp_path):
     """An ar.safetensors from before ar_max_tokens was recorded cannot tell how many tokens its AR read."""
-    path = os.path.join(sft_runs['ar_context'], 'ar.safetensors')
-    meta = {k: v for k, v in nla.read_meta(path).items() if k != 'ar_max_tokens'}
-    (tmp_path / 'old').mkdir()
-    nla.save_weights(str(tmp_path / 'old' / 'ar.safetensors'), load_file(path), meta)
-    p = run_script('train.py', *base_args(tiny_dir, tiny_data), '--stage=eval', f'--out_dir={tmp_path / "out"}',
-                   f'--init_av={sft_runs["av"]}', f'--init_ar={sft_runs["ar"]}', f'--context_ar={tmp_path / "old"}', ok=False)
-    assert 'has no ar_max_tokens in its metadata' in p.stderr.strip().splitlines()[-1]
+    old = edited_weights(sft_runs['ar_context'], 'ar.safetensors', tmp_path / 'old', drop=['ar_max_tokens'])
+    last = eval_fails(tiny_dir, tiny_data, tmp_path, sft_runs['av'], sft_runs['ar'], f'--context_ar={old}')
+    assert 'has no ar_max_tokens in its metadata' in last
+
+
+@pytest.mark.parametrize('edit, message', [({'layer': 0}, 'layer 0, the data'), ({'model_type': 'qwen3'}, "model_type 'qwen3'")])
+def test_refuses_an_av_made_for_another_model_or_layer(tiny_dir, tiny_data, sft_runs, tmp_path, edit, message):
+    av = edited_weights(sft_runs['av'], 'av.safetensors', tmp_path / 'av', edit)
+    last = eval_fails(tiny_dir, tiny_data, tmp_path, av, sft_runs['ar'])
+    assert 'was made for another model or layer' in last and message in last
+
+
+def test_refuses_weights_that_do_not_fit_the_model(tiny_dir, tiny_data, sft_runs, tmp_path):
+    """Metadata that says rank 16 over rank-8 weights: the shapes do not fit, said in one line."""
+    av = edited_weights(sft_runs['av'], 'av.safetensors', tmp_path / 'av', {'lora_rank': 16})
+    assert 'the model wants' in eval_fails(tiny_dir, tiny_data, tmp_path, av, sft_runs['ar'])
+
+
+def test_eval_refuses_a_context_ar_as_its_ar(tiny_dir, tiny_data, sft_runs, tmp_path):
+    last = eval_fails(tiny_dir, tiny_data, tmp_path, sft_runs['av'], sft_runs['ar_context'])
+    assert "stage 'eval' needs one of 'explanation'" in last
 
 
 def test_refuses_an_init_that_is_not_safetensors(tiny_dir, tiny_data, tmp_path):
@@ -117,8 +150,67 @@ def test_refuses_another_runs_out_dir(tiny_dir, tiny_data, sft_runs):
     assert 'holds another run' in p.stderr.strip().splitlines()[-1]
 
 
+def test_refuses_an_out_dir_with_a_log_but_no_checkpoint(tiny_dir, tiny_data, sft_runs, tmp_path):
+    """A run that died before its first checkpoint left log.jsonl; a new run would have appended to it."""
+    shutil.copy(os.path.join(sft_runs['ar'], 'log.jsonl'), tmp_path)
+    p = run_script('train.py', *base_args(tiny_dir, tiny_data), '--stage=eval', f'--out_dir={tmp_path}',
+                   f'--init_av={sft_runs["av"]}', f'--init_ar={sft_runs["ar"]}', ok=False)
+    assert 'holds another run (log.jsonl)' in p.stderr.strip().splitlines()[-1]
+    assert sorted(os.listdir(tmp_path)) == ['log.jsonl']
+
+
+def test_a_checkpoint_cut_by_a_crash_stops_a_resume_in_one_line(tiny_dir, tiny_data, sft_runs, tmp_path):
+    run = tmp_path / 'run'
+    shutil.copytree(sft_runs['ar'], run)
+    data = (run / 'ckpt.pt').read_bytes()
+    (run / 'ckpt.pt').write_bytes(data[:len(data) // 2])
+    p = run_script('train.py', *base_args(tiny_dir, tiny_data), '--stage=sft_ar', f'--out_dir={run}', '--resume=True', ok=False)
+    assert 'cannot be read (cut short by a crash?)' in p.stderr.strip().splitlines()[-1]
+
+
+def broken_data(tiny_data, tmp_path, meta_text=None, val=None):
+    """A copy of the tiny data with meta.json's text or the val split replaced."""
+    data = tmp_path / 'data'
+    shutil.copytree(tiny_data, data)
+    if meta_text is not None:
+        (data / 'meta.json').write_text(meta_text(json.loads((data / 'meta.json').read_text())))
+    if val is not None:
+        table = pq.read_table(data / 'val.parquet')
+        if val == 'cut':
+            raw = (data / 'val.parquet').read_bytes()
+            (data / 'val.parquet').write_bytes(raw[:len(raw) // 2])
+        else:
+            pq.write_table(val(table), data / 'val.parquet')
+    return data
+
+
+def zero_first_activation(table):
+    acts = table.column('activation').combine_chunks()
+    flat = acts.flatten().to_numpy().copy()
+    flat[:acts.type.list_size] = 0
+    return table.set_column(table.column_names.index('activation'), 'activation',
+                            pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), acts.type.list_size))
+
+
+@pytest.mark.parametrize('meta_text, val, message', [
+    (lambda m: json.dumps(m)[:40], None, 'is not JSON (cut short?)'),
+    (lambda m: json.dumps({k: v for k, v in m.items() if k != 'alpha'}), None, 'has no alpha'),
+    (lambda m: json.dumps({**m, 'alpha': float('nan')}), None, 'alpha must be a finite number > 0'),
+    (lambda m: json.dumps({**m, 'alpha': -5.0}), None, 'alpha must be a finite number > 0'),
+    (None, 'cut', 'is not a split written by datagen.py'),
+    (None, lambda t: t.slice(0, 0), 'has no rows'),
+    (None, zero_first_activation, 'row 0 has a NaN, inf or all-zero activation'),
+])
+def test_refuses_broken_data_before_writing_anything(tiny_dir, tiny_data, tmp_path, meta_text, val, message):
+    data = broken_data(tiny_data, tmp_path, meta_text, val)
+    p = run_script('train.py', 'config/tiny.py', f'--base_model={tiny_dir["llama"]}', f'--data_dir={data}',
+                   '--stage=sft_av', f'--out_dir={tmp_path / "out"}', ok=False)
+    assert message in p.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / 'out').exists()
+
+
 @pytest.mark.parametrize('edit, message', [({'d_model': 32}, 'd_model 32'), ({'marker_id': 5}, 'marker'),
-                                           ({'layer': 9}, 'layer 9')])
+                                           ({'layer': 9}, 'layer 9'), ({'model_type': 'qwen3'}, "model_type 'qwen3'")])
 def test_refuses_data_made_for_another_model(tiny_dir, tiny_data, tmp_path, edit, message):
     data = tmp_path / 'data'
     shutil.copytree(tiny_data, data)
@@ -243,6 +335,11 @@ def test_eval_shards_are_equal_and_contiguous(monkeypatch):
     ({'rollout': 'sglang'}, "rollout must be"),
     ({'rollout': 'vllm', 'device': 'cuda:1'}, 'CUDA_VISIBLE_DEVICES'),
     ({'stage': 'rl', 'max_steps': 0}, 'max_steps > 0'),
+    ({'dtype': 'float64'}, 'dtype must be one of'),
+    ({'micro_batch': 0}, 'micro_batch must be at least 1'),
+    ({'ar_max_tokens': 0}, 'ar_max_tokens must be at least 1'),
+    ({'max_steps': -3}, 'max_steps must not be negative'),
+    ({'ar_lr': -1.0}, 'ar_lr must not be negative'),
 ])
 def test_check_config_refusals(monkeypatch, tmp_path, settings, message):
     monkeypatch.setattr(train, 'out_dir', str(tmp_path))
@@ -276,7 +373,7 @@ def test_static_cache_draws_the_same_rollouts(tiny_dir, monkeypatch):
     for cache in ('dynamic', 'static'):
         monkeypatch.setattr(train, 'gen_cache', cache)
         torch.manual_seed(0)
-        av, _, _ = train.build_av('', tok, 'cpu')
+        av, _, _ = train.build_av('', {}, tok, 'cpu')
         x = nla.inject(av, ids, pos, torch.randn(4, 64), 2.0)
         out[cache] = train.rollouts(av, x, 2, nla.end_token_ids(av, tok), tok.pad_token_id, (0, 0), 0)
     assert all(torch.equal(a, b) for a, b in zip(out['dynamic'], out['static']))
