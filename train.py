@@ -874,7 +874,11 @@ def check_config():
         fail(f"ar_input must be 'explanation' or 'context', got '{ar_input}'")
     if dtype not in nla.DTYPES:
         fail(f"dtype must be one of {sorted(nla.DTYPES)}, got '{dtype}'")
-    if device.startswith('cuda') and not torch.cuda.is_available():
+    try:
+        device_type = torch.device('cpu' if device == 'auto' else device).type
+    except RuntimeError:
+        fail(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got '{device}'")
+    if device_type == 'cuda' and not torch.cuda.is_available():
         fail(f"device='{device}' but torch sees no CUDA device")
     for name in ('batch_size', 'micro_batch', 'batch_prompts', 'group_size', 'max_new_tokens', 'gen_batch_size', 'epochs',
                  'eval_interval', 'eval_rows', 'ckpt_interval', 'log_interval', 'max_bad_steps', 'ar_max_tokens', 'lora_rank'):

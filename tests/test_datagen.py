@@ -121,6 +121,7 @@ def test_txt_corpus(tiny_dir, tmp_path):
     (['--max_docs=2'], "got no document"),
     (['--max_docs=-5'], "max_docs must be >= 0"),
     (['--batch_size=0'], "batch_size must be >= 1"),
+    (['--device=gpu'], "device must be 'auto'"),
     (['--positions_per_doc=0'], "positions_per_doc must be >= 1"),
     (['--min_position=128'], "must be below max_length=128"),
     (['--marker=@@@@@@@@'], "must be one"),

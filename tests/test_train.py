@@ -336,6 +336,7 @@ def test_eval_shards_are_equal_and_contiguous(monkeypatch):
     ({'rollout': 'vllm', 'device': 'cuda:1'}, 'CUDA_VISIBLE_DEVICES'),
     ({'stage': 'rl', 'max_steps': 0}, 'max_steps > 0'),
     ({'dtype': 'float64'}, 'dtype must be one of'),
+    ({'device': 'gpu'}, "device must be 'auto'"),
     ({'micro_batch': 0}, 'micro_batch must be at least 1'),
     ({'ar_max_tokens': 0}, 'ar_max_tokens must be at least 1'),
     ({'max_steps': -3}, 'max_steps must not be negative'),
