@@ -235,7 +235,8 @@ def main(config):
         fail(f"device={device!r} but torch sees no CUDA device")
     if set(splits) != set(SPLITS) or min(splits.values()) < 0 or abs(sum(splits.values()) - 1) > 1e-6:
         fail(f"splits must give fractions of {SPLITS} summing to 1, got {splits}")
-    for name, low in (('batch_size', 1), ('positions_per_doc', 1), ('max_docs', 0), ('min_position', 0)):
+    for name, low in (('batch_size', 1), ('positions_per_doc', 1), ('max_docs', 0), ('min_position', 0),
+                      ('api_concurrency', 1), ('api_retries', 0)):
         if config[name] < low:
             fail(f"{name} must be >= {low}, got {config[name]}")
     if min_position >= max_length:
@@ -246,14 +247,15 @@ def main(config):
         fail(f"teacher must be 'context' or 'api', got '{teacher}'")
     if teacher == 'api' and not os.environ.get(api_key_env):
         fail(f"teacher='api' needs the key in the environment variable {api_key_env}, which is not set")
-    docs = read_corpus(corpus)[:max_docs or None]
-    try:  # a missing model, a bad marker or layer fails here, before any work
+    try:  # a missing model, a bad marker or layer fails here, before the corpus is read
         tokenizer = nla.load_tokenizer(base_model)
+        signature = nla.model_signature(base_model)
         prompt_ids, marker_pos = nla.av_prompt(tokenizer, marker)
         backbone = nla.load_backbone(base_model, layer + 1, dtype, run_device)
     except ValueError as e:
         fail(str(e))
-    d_model = backbone.get_input_embeddings().weight.shape[1]
+    d_model = signature['d_model']
+    docs = read_corpus(corpus)[:max_docs or None]
 
     # positions per document; short documents are skipped and counted
     special = set(tokenizer.all_special_ids)
@@ -314,7 +316,7 @@ def main(config):
             'explanation': pa.array([explanations[i] for i in idx], pa.string()),
         })
     meta = {
-        'base_model': base_model, 'layer': layer, **nla.model_signature(base_model), 'vocab_size': len(tokenizer),
+        'base_model': base_model, 'layer': layer, **signature, 'vocab_size': len(tokenizer),
         'marker': marker, 'marker_id': prompt_ids[marker_pos],
         'alpha': quantiles['q75'],  # the paper's injection scale: the 75th percentile of activation norms
         'norm_quantiles': quantiles, 'teacher': teacher,

@@ -133,7 +133,7 @@ def load_meta():
         fail(f"{path} is not JSON (cut short?): run datagen.py again")
     missing = sorted({*IDENTITY, 'base_model', 'vocab_size', 'marker', 'marker_id', 'alpha'} - meta.keys())
     if missing:
-        fail(f"{path} has no {', '.join(missing)}: it was not written by this datagen.py")
+        fail(f"{path} has no {', '.join(missing)}: it was written by another or an older datagen.py; run it again")
     if not isinstance(meta['alpha'], (int, float)) or not 0 < meta['alpha'] < math.inf:
         fail(f"{path}: alpha must be a finite number > 0, got {meta['alpha']}")
     return meta
@@ -207,7 +207,7 @@ def read_init(path, keys, data_meta):
         fail(f"{path} is not a safetensors file written by this train.py")
     missing = sorted({*keys, *IDENTITY} - meta.keys())
     if missing:
-        fail(f"{path} has no {', '.join(missing)} in its metadata: it was not written by this train.py")
+        fail(f"{path} has no {', '.join(missing)} in its metadata: it was written by another or an older train.py; run that stage again")
     wrong = [f"{k} {meta[k]!r}, the data's is {data_meta[k]!r}" for k in IDENTITY if meta[k] != data_meta[k]]
     if wrong:
         fail(f"{path} was made for another model or layer: {'; '.join(wrong)}")
@@ -223,10 +223,10 @@ def load_weights(load, model, path):
 
 def build_av(init, data_meta, tokenizer, dev):
     """The verbalizer: base LM + LoRA, from init/av.safetensors when given. Returns (model, frozen adapters, meta)."""
-    av = nla.load_lm(base_model, dtype, dev)
     path = os.path.join(init, 'av.safetensors') if init else ''
     meta = {'lora_rank': lora_rank, 'lora_alpha': lora_alpha, 'rslora': rslora}
     meta = read_init(path, meta.keys(), data_meta) if init else meta
+    av = nla.load_lm(base_model, dtype, dev)
     nla.add_lora(av, meta['lora_rank'], meta['lora_alpha'], meta['rslora'])
     frozen = load_weights(nla.load_av, av, path) if init else []
     av.generation_config = GenerationConfig(  # ours alone: no sampling defaults of the model's leak in
@@ -238,12 +238,14 @@ def build_av(init, data_meta, tokenizer, dev):
     return av, frozen, meta
 
 
-def build_ar(init, data_meta, dev):
-    """The reconstructor, from init/ar.safetensors when given. Returns (model, its meta)."""
+def build_ar(init, data_meta, reads, dev):
+    """The reconstructor of ar_input `reads`, from init/ar.safetensors when given. Returns (model, its meta)."""
     path = os.path.join(init, 'ar.safetensors') if init else ''
     meta = {'ar_lora_rank': ar_lora_rank, 'lora_alpha': lora_alpha, 'rslora': rslora, 'ar_input': ar_input,
             'ar_max_tokens': ar_max_tokens}
     meta = read_init(path, meta.keys(), data_meta) if init else meta
+    if meta['ar_input'] != reads:
+        fail(f"{path} is an AR of ar_input='{meta['ar_input']}', used here where one of ar_input='{reads}' is needed")
     ar = nla.load_reconstructor(base_model, data_meta['layer'], dtype, dev, meta['ar_lora_rank'], meta['lora_alpha'], meta['rslora'])
     if init:
         load_weights(lambda m, p: nla.load_trainable(m, load_file(p), p), ar, path)
@@ -612,8 +614,6 @@ RESUMABLE = ('resume', 'max_steps', 'eval_interval', 'eval_examples', 'ckpt_inte
 
 def load_checkpoint(run):
     path = os.path.join(out_dir, 'ckpt.pt')
-    if not os.path.isfile(path):
-        fail(f"resume=True but {path} does not exist")
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=False)
     except (RuntimeError, EOFError, pickle.UnpicklingError):
@@ -709,7 +709,7 @@ def sft_av(run):
     """The AV learns to write the warm-start explanation for the injected activation: cross-entropy
     on the response tokens (the end token included), prompt and padding masked."""
     train, val, dev, tok = run.train, run.val, run.dev, run.tokenizer
-    total = sft_steps(len(train['acts']))
+    total = run.total
 
     def targets(data, rows):
         return [tok.encode(data['explanation'][r], add_special_tokens=False) + [tok.eos_token_id] for r in rows]
@@ -750,7 +750,7 @@ def sft_ar(run):
     """The AR learns text -> activation with the normalised MSE; ar_input='context' trains the
     context-ceiling control on the raw context instead of the explanation."""
     train, val, dev = run.train, run.val, run.dev
-    total = sft_steps(len(train['acts']))
+    total = run.total
 
     def update(step):
         idx, run.cursor = take_rows(run.cursor, batch_size, len(train['acts']))
@@ -884,9 +884,15 @@ def check_config():
                  'eval_interval', 'eval_rows', 'ckpt_interval', 'log_interval', 'max_bad_steps', 'ar_max_tokens', 'lora_rank'):
         if globals()[name] < 1:
             fail(f"{name} must be at least 1, got {globals()[name]}")
-    for name in ('max_steps', 'lr', 'ar_lr', 'weight_decay', 'ar_lora_rank', 'eval_examples', 'length_penalty', 'kl_coef'):
+    for name in ('max_steps', 'warmup_steps', 'lr', 'ar_lr', 'weight_decay', 'ar_lora_rank', 'eval_examples',
+                 'length_penalty', 'kl_coef'):
         if globals()[name] < 0:
             fail(f"{name} must not be negative, got {globals()[name]}")
+    for name in ('grad_clip', 'max_logprob_diff'):
+        if globals()[name] <= 0:
+            fail(f"{name} must be positive, got {globals()[name]}")
+    if not 0 < vllm_gpu_memory <= 1 or not 0 <= min_lr_frac <= 1:
+        fail(f"vllm_gpu_memory must be in (0, 1] and min_lr_frac in [0, 1], got {vllm_gpu_memory} and {min_lr_frac}")
     for name, value in (('batch_size', batch_size), ('batch_prompts', batch_prompts)):
         if value % ddp_world_size:
             fail(f"{name}={value} must divide by the number of ranks, {ddp_world_size}")
@@ -896,9 +902,14 @@ def check_config():
         fail(f"stage '{stage}' needs init_av and init_ar (the sft_av and sft_ar out_dirs)")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         fail(f"out_dir {out_dir} is a file")
-    held = [f for f in ('ckpt.pt', 'log.jsonl') if os.path.exists(os.path.join(out_dir, f))]
-    if held and not resume:  # a log without a checkpoint: a run that died before saving, or an eval
-        fail(f"{out_dir} holds another run ({', '.join(held)}): pass --resume=True to continue it, or choose another out_dir")
+    has_ckpt = os.path.isfile(os.path.join(out_dir, 'ckpt.pt'))
+    if resume and not has_ckpt:
+        fail(f"resume=True but {os.path.join(out_dir, 'ckpt.pt')} does not exist")
+    if not resume and has_ckpt:
+        fail(f"{out_dir} holds another run's ckpt.pt: pass --resume=True to continue it, or choose another out_dir")
+    if not resume and os.path.exists(os.path.join(out_dir, 'log.jsonl')):
+        fail(f"{out_dir} holds the log.jsonl of an eval or of a run that died before its first checkpoint: "
+             "delete it or choose another out_dir")
 
 
 def main(config):
@@ -909,14 +920,16 @@ def main(config):
         if dev.startswith('cuda'):
             torch.cuda.set_device(dev)
         dist.init_process_group('nccl' if dev.startswith('cuda') else 'gloo')
+        dist.barrier()  # every rank has checked out_dir before rank 0 writes to it
     if master_process:
         print(json.dumps(config))
     meta = load_meta()
     try:
         tokenizer = nla.load_tokenizer(base_model)
+        signature = nla.model_signature(base_model)
     except ValueError as e:
         fail(str(e))
-    check_meta(meta, nla.model_signature(base_model), tokenizer)
+    check_meta(meta, signature, tokenizer)
     torch.manual_seed(seed)  # the same fresh LoRA on every rank
     np.random.seed(seed)
     random.seed(seed)
@@ -928,6 +941,8 @@ def main(config):
     train_split = {'sft_av': 'av_sft', 'sft_ar': 'ar_sft', 'rl': 'rl', 'eval': None}[stage]
     run.train = load_split(train_split, run.d) if train_split else None  # every input is read before out_dir is written
     run.val = load_split('val', run.d)
+    run.total = sft_steps(len(run.train['acts'])) if stage in ('sft_av', 'sft_ar') else max_steps
+    eval_shard(len(run.val['acts']))  # fails if an eval would leave a rank no rows
     run.av = run.ar = run.ctx_ar = run.av_opt = run.ar_opt = run.engine = None
     run.av_frozen, run.av_meta, run.ar_meta = [], {}, {}
     run.step, run.cursor, run.bad_steps, run.skipped = 0, 0, 0, 0
@@ -940,16 +955,11 @@ def main(config):
         if stage != 'eval':
             run.av_opt = torch.optim.AdamW(trainable(run.av), lr=lr, weight_decay=weight_decay)
     if stage in ('sft_ar', 'rl', 'eval'):
-        run.ar, run.ar_meta = build_ar(init_ar, meta, dev)
+        run.ar, run.ar_meta = build_ar(init_ar, meta, ar_input if stage == 'sft_ar' else 'explanation', dev)
         if stage != 'eval':
             run.ar_opt = torch.optim.AdamW(trainable(run.ar), lr=ar_lr, weight_decay=weight_decay)
-        reads = ar_input if stage == 'sft_ar' else 'explanation'
-        if run.ar_meta['ar_input'] != reads:
-            fail(f"init_ar {init_ar} is an AR of ar_input='{run.ar_meta['ar_input']}'; stage '{stage}' needs one of '{reads}'")
-    if context_ar and stage in ('rl', 'eval'):
-        run.ctx_ar, run.ctx_meta = build_ar(context_ar, meta, dev)
-        if run.ctx_meta['ar_input'] != 'context':
-            fail(f"context_ar {context_ar} reads explanations; the ceiling needs an sft_ar run with ar_input='context'")
+    if context_ar and stage in ('rl', 'eval'):  # the context ceiling: an sft_ar run with ar_input='context'
+        run.ctx_ar, run.ctx_meta = build_ar(context_ar, meta, 'context', dev)
     if stage in ('rl', 'eval'):  # the engine starts last, once every model has loaded
         run.engine = start_engine(len(run.prompt_ids), dev) if rollout == 'vllm' else None
         if run.engine is not None:

@@ -32,6 +32,7 @@ def test_writes_four_splits_and_meta(tiny_data, tiny_dir):
                 'av_prompt', 'ar_prompt', 'rows', 'config'):
         assert key in meta
     assert meta['layer'] == 1 and meta['d_model'] == 64 and meta['base_model'] == tiny_dir['llama']
+    assert (meta['model_type'], meta['n_layers']) == ('llama', 4)
     tok = nla.load_tokenizer(tiny_dir['llama'])
     assert tok.encode(meta['marker'], add_special_tokens=False) == [meta['marker_id']]
     for s in SPLITS:
@@ -40,11 +41,6 @@ def test_writes_four_splits_and_meta(tiny_data, tiny_dir):
         assert str(t.schema.field('activation').type) == 'fixed_size_list<element: float>[64]'
         assert {'doc_id', 'position', 'context', 'activation', 'explanation'} <= set(t.column_names)
     assert not [f for f in os.listdir(tiny_data) if f.startswith('.tmp')]
-
-
-def test_meta_records_the_model_signature(tiny_data):
-    meta = json.load(open(os.path.join(tiny_data, 'meta.json')))
-    assert (meta['model_type'], meta['n_layers'], meta['d_model']) == ('llama', 4, 64)
 
 
 def test_splits_are_document_disjoint(tiny_data):

@@ -135,7 +135,7 @@ def test_refuses_weights_that_do_not_fit_the_model(tiny_dir, tiny_data, sft_runs
 
 def test_eval_refuses_a_context_ar_as_its_ar(tiny_dir, tiny_data, sft_runs, tmp_path):
     last = eval_fails(tiny_dir, tiny_data, tmp_path, sft_runs['av'], sft_runs['ar_context'])
-    assert "stage 'eval' needs one of 'explanation'" in last
+    assert "ar_input='context', used here where one of ar_input='explanation' is needed" in last
 
 
 def test_refuses_an_init_that_is_not_safetensors(tiny_dir, tiny_data, tmp_path):
@@ -147,7 +147,7 @@ def test_refuses_an_init_that_is_not_safetensors(tiny_dir, tiny_data, tmp_path):
 
 def test_refuses_another_runs_out_dir(tiny_dir, tiny_data, sft_runs):
     p = run_script('train.py', *base_args(tiny_dir, tiny_data), '--stage=sft_ar', f'--out_dir={sft_runs["ar"]}', ok=False)
-    assert 'holds another run' in p.stderr.strip().splitlines()[-1]
+    assert "holds another run's ckpt.pt" in p.stderr.strip().splitlines()[-1]
 
 
 def test_refuses_an_out_dir_with_a_log_but_no_checkpoint(tiny_dir, tiny_data, sft_runs, tmp_path):
@@ -155,7 +155,8 @@ def test_refuses_an_out_dir_with_a_log_but_no_checkpoint(tiny_dir, tiny_data, sf
     shutil.copy(os.path.join(sft_runs['ar'], 'log.jsonl'), tmp_path)
     p = run_script('train.py', *base_args(tiny_dir, tiny_data), '--stage=eval', f'--out_dir={tmp_path}',
                    f'--init_av={sft_runs["av"]}', f'--init_ar={sft_runs["ar"]}', ok=False)
-    assert 'holds another run (log.jsonl)' in p.stderr.strip().splitlines()[-1]
+    last = p.stderr.strip().splitlines()[-1]
+    assert 'holds the log.jsonl of an eval' in last and '--resume' not in last
     assert sorted(os.listdir(tmp_path)) == ['log.jsonl']
 
 
@@ -220,7 +221,14 @@ def test_refuses_data_made_for_another_model(tiny_dir, tiny_data, tmp_path, edit
                    '--stage=sft_av', f'--out_dir={tmp_path / "out"}', ok=False)
     last = p.stderr.strip().splitlines()[-1]
     assert 'was made for' in last and message in last
-    assert not (tmp_path / 'out' / 'ckpt.pt').exists()
+    assert not (tmp_path / 'out').exists()
+
+
+def test_a_run_of_no_steps_is_refused_before_writing(tiny_dir, tiny_data, tmp_path):
+    p = run_script('train.py', *base_args(tiny_dir, tiny_data), '--stage=sft_ar', '--batch_size=100000',
+                   f'--out_dir={tmp_path / "out"}', ok=False)
+    assert 'make no step of batch_size=100000' in p.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / 'out').exists()
 
 
 def test_non_finite_steps_stop_the_run(tiny_dir, tiny_data, tmp_path):
@@ -341,6 +349,9 @@ def test_eval_shards_are_equal_and_contiguous(monkeypatch):
     ({'ar_max_tokens': 0}, 'ar_max_tokens must be at least 1'),
     ({'max_steps': -3}, 'max_steps must not be negative'),
     ({'ar_lr': -1.0}, 'ar_lr must not be negative'),
+    ({'grad_clip': 0.0}, 'grad_clip must be positive'),
+    ({'min_lr_frac': 1.5}, 'min_lr_frac in'),
+    ({'resume': True}, 'resume=True but'),
 ])
 def test_check_config_refusals(monkeypatch, tmp_path, settings, message):
     monkeypatch.setattr(train, 'out_dir', str(tmp_path))
