@@ -226,13 +226,10 @@ def write_outputs(tables, meta):
 
 
 def main(config):
-    run_device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
     try:
-        device_type = torch.device(run_device).type
-    except RuntimeError:
-        fail(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got '{device}'")
-    if device_type == 'cuda' and not torch.cuda.is_available():
-        fail(f"device={device!r} but torch sees no CUDA device")
+        run_device = nla.resolve_device(device)
+    except ValueError as e:
+        fail(str(e))
     if set(splits) != set(SPLITS) or min(splits.values()) < 0 or abs(sum(splits.values()) - 1) > 1e-6:
         fail(f"splits must give fractions of {SPLITS} summing to 1, got {splits}")
     for name, low in (('batch_size', 1), ('positions_per_doc', 1), ('max_docs', 0), ('min_position', 0),

@@ -40,6 +40,18 @@ def torch_dtype(name):
     return DTYPES[name]
 
 
+def resolve_device(name):
+    """'auto' is cuda when torch sees a GPU, else cpu; a device torch does not know or cannot use raises ValueError."""
+    dev = ('cuda' if torch.cuda.is_available() else 'cpu') if name == 'auto' else name
+    try:
+        kind = torch.device(dev).type
+    except RuntimeError:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got '{name}'") from None
+    if kind == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f"device='{name}' but torch sees no CUDA device")
+    return dev
+
+
 def load_tokenizer(name):
     try:
         tok = AutoTokenizer.from_pretrained(name)

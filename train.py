@@ -214,9 +214,9 @@ def read_init(path, keys, data_meta):
     return meta
 
 
-def load_weights(load, model, path):
+def load_weights(load, *args):
     try:
-        return load(model, path)
+        return load(*args)
     except ValueError as e:  # names or shapes that do not fit this model
         fail(str(e))
 
@@ -248,7 +248,7 @@ def build_ar(init, data_meta, reads, dev):
         fail(f"{path} is an AR of ar_input='{meta['ar_input']}', used here where one of ar_input='{reads}' is needed")
     ar = nla.load_reconstructor(base_model, data_meta['layer'], dtype, dev, meta['ar_lora_rank'], meta['lora_alpha'], meta['rslora'])
     if init:
-        load_weights(lambda m, p: nla.load_trainable(m, load_file(p), p), ar, path)
+        load_weights(nla.load_trainable, ar, load_file(path), path)
     if gradient_checkpointing:
         ar.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
     return ar, meta
@@ -855,14 +855,12 @@ def eval_stage(run):
 
 def check_config():
     """Derived sizes and settings, checked once before any work."""
-    if stage not in ('sft_av', 'sft_ar', 'rl', 'eval'):
-        fail(f"stage must be 'sft_av', 'sft_ar', 'rl' or 'eval', got '{stage}'")
+    for name, allowed in (('stage', ('sft_av', 'sft_ar', 'rl', 'eval')), ('gen_cache', ('dynamic', 'static')),
+                          ('rollout', ('hf', 'vllm')), ('ar_input', ('explanation', 'context')), ('dtype', tuple(nla.DTYPES))):
+        if globals()[name] not in allowed:
+            fail(f"{name} must be one of {', '.join(map(repr, allowed))}, got {globals()[name]!r}")
     if (temperature, top_p, top_k) != (1.0, 1.0, 0):
         fail(f"GRPO's loss assumes samples from the true policy: temperature 1, top_p 1, top_k 0 (got {temperature}, {top_p}, {top_k})")
-    if gen_cache not in ('dynamic', 'static'):
-        fail(f"gen_cache must be 'dynamic' or 'static', got '{gen_cache}'")
-    if rollout not in ('hf', 'vllm'):
-        fail(f"rollout must be 'hf' or 'vllm', got '{rollout}'")
     if rollout == 'vllm' and not ddp and device not in ('auto', 'cpu', 'cuda', 'cuda:0'):
         fail(f"rollout='vllm' in one process runs its engine on cuda:0, so device='{device}' would split the run: "
              "choose the GPU with CUDA_VISIBLE_DEVICES instead")
@@ -870,16 +868,10 @@ def check_config():
         fail("dtype='float16' needs loss scaling, which this trainer does not do: use 'bfloat16' or 'float32'")
     if stage == 'rl' and group_size < 2:
         fail(f"group_size={group_size}: GRPO compares rollouts within a group, so it needs at least 2")
-    if ar_input not in ('explanation', 'context'):
-        fail(f"ar_input must be 'explanation' or 'context', got '{ar_input}'")
-    if dtype not in nla.DTYPES:
-        fail(f"dtype must be one of {sorted(nla.DTYPES)}, got '{dtype}'")
     try:
-        device_type = torch.device('cpu' if device == 'auto' else device).type
-    except RuntimeError:
-        fail(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got '{device}'")
-    if device_type == 'cuda' and not torch.cuda.is_available():
-        fail(f"device='{device}' but torch sees no CUDA device")
+        nla.resolve_device(device)
+    except ValueError as e:
+        fail(str(e))
     for name in ('batch_size', 'micro_batch', 'batch_prompts', 'group_size', 'max_new_tokens', 'gen_batch_size', 'epochs',
                  'eval_interval', 'eval_rows', 'ckpt_interval', 'log_interval', 'max_bad_steps', 'ar_max_tokens', 'lora_rank'):
         if globals()[name] < 1:
@@ -914,7 +906,7 @@ def check_config():
 
 def main(config):
     check_config()
-    dev = device if device != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu'
+    dev = nla.resolve_device(device)
     if ddp:
         dev = f"cuda:{ddp_local_rank}" if dev.startswith('cuda') else 'cpu'
         if dev.startswith('cuda'):

@@ -90,12 +90,6 @@ def test_context_ceiling_reads_as_many_tokens_as_its_ar_was_trained_on(tiny_dir,
     assert a['fve_context'] == b['fve_context'] and a['fve_teacher'] != b['fve_teacher'], (a, b)
 
 
-def test_context_ar_must_read_contexts(tiny_dir, tiny_data, sft_runs, tmp_path):
-    p = run_script('train.py', *base_args(tiny_dir, tiny_data), '--stage=eval', f'--out_dir={tmp_path}',
-                   f'--init_av={sft_runs["av"]}', f'--init_ar={sft_runs["ar"]}', f'--context_ar={sft_runs["ar"]}', ok=False)
-    assert "ar_input='context'" in p.stderr.strip().splitlines()[-1]
-
-
 def edited_weights(run_dir, name, dst, edit=None, drop=()):
     """A copy of a run's weights file in folder dst, its metadata edited."""
     path = os.path.join(run_dir, name)
@@ -111,6 +105,11 @@ def eval_fails(tiny_dir, tiny_data, tmp_path, av, ar, *args):
                    f'--init_av={av}', f'--init_ar={ar}', *args, ok=False)
     assert not (tmp_path / 'out').exists()
     return p.stderr.strip().splitlines()[-1]
+
+
+def test_context_ar_must_read_contexts(tiny_dir, tiny_data, sft_runs, tmp_path):
+    last = eval_fails(tiny_dir, tiny_data, tmp_path, sft_runs['av'], sft_runs['ar'], f'--context_ar={sft_runs["ar"]}')
+    assert "ar_input='context'" in last
 
 
 def test_refuses_an_ar_file_without_the_metadata_to_rebuild_it(tiny_dir, tiny_data, sft_runs, tmp_path):
@@ -213,10 +212,7 @@ def test_refuses_broken_data_before_writing_anything(tiny_dir, tiny_data, tmp_pa
 @pytest.mark.parametrize('edit, message', [({'d_model': 32}, 'd_model 32'), ({'marker_id': 5}, 'marker'),
                                            ({'layer': 9}, 'layer 9'), ({'model_type': 'qwen3'}, "model_type 'qwen3'")])
 def test_refuses_data_made_for_another_model(tiny_dir, tiny_data, tmp_path, edit, message):
-    data = tmp_path / 'data'
-    shutil.copytree(tiny_data, data)
-    meta = json.loads((data / 'meta.json').read_text())
-    (data / 'meta.json').write_text(json.dumps({**meta, **edit}))
+    data = broken_data(tiny_data, tmp_path, lambda m: json.dumps({**m, **edit}))
     p = run_script('train.py', 'config/tiny.py', f'--base_model={tiny_dir["llama"]}', f'--data_dir={data}',
                    '--stage=sft_av', f'--out_dir={tmp_path / "out"}', ok=False)
     last = p.stderr.strip().splitlines()[-1]
