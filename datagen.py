@@ -13,7 +13,6 @@ out_dir/meta.json, all at the end and atomically: a crash or bad input leaves no
 import hashlib
 import json
 import os
-import shutil
 import sys
 import threading
 import time
@@ -56,7 +55,6 @@ dtype = 'bfloat16'  # 'float32', 'bfloat16' or 'float16'
 batch_size = 32  # documents per forward pass
 # -----------------------------------------------------------------------------
 
-SPLITS = ('av_sft', 'ar_sft', 'rl', 'val')
 API_INSTRUCTION = (
     "Below is the beginning of a text, cut at the token where a language model must predict what comes next. "
     "Name the 2-3 features of the text that a model would use to predict the next words (for example the "
@@ -206,32 +204,13 @@ def api_explanations(contexts, cache_path):
     return [cache[key(c)] for c in contexts]
 
 
-def write_outputs(tables, meta):
-    """Every file goes to a temporary folder first, then each is renamed into place, meta.json last,
-    after the old meta.json is gone: readers never see new parquets described by an old meta."""
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = os.path.join(out_dir, f".tmp-{os.getpid()}")
-    os.makedirs(tmp)
-    try:
-        for split, table in tables.items():
-            pq.write_table(table, os.path.join(tmp, f"{split}.parquet"))
-        with open(os.path.join(tmp, 'meta.json'), 'w') as f:
-            json.dump(meta, f, indent=2)
-        if os.path.exists(os.path.join(out_dir, 'meta.json')):
-            os.remove(os.path.join(out_dir, 'meta.json'))
-        for name in [f"{s}.parquet" for s in tables] + ['meta.json']:
-            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def main(config):
     try:
         run_device = nla.resolve_device(device)
     except ValueError as e:
         fail(str(e))
-    if set(splits) != set(SPLITS) or min(splits.values()) < 0 or abs(sum(splits.values()) - 1) > 1e-6:
-        fail(f"splits must give fractions of {SPLITS} summing to 1, got {splits}")
+    if set(splits) != set(nla.SPLITS) or min(splits.values()) < 0 or abs(sum(splits.values()) - 1) > 1e-6:
+        fail(f"splits must give fractions of {nla.SPLITS} summing to 1, got {splits}")
     for name, low in (('batch_size', 1), ('positions_per_doc', 1), ('max_docs', 0), ('min_position', 0),
                       ('api_concurrency', 1), ('api_retries', 0)):
         if config[name] < low:
@@ -270,9 +249,9 @@ def main(config):
 
     # documents, never rows, are split
     order = np.random.default_rng(seed).permutation(len(kept))
-    bounds = np.round(np.cumsum([0] + [splits[s] for s in SPLITS]) * len(kept)).astype(int)
+    bounds = np.round(np.cumsum([0] + [splits[s] for s in nla.SPLITS]) * len(kept)).astype(int)
     doc_split = {}
-    for s, lo, hi in zip(SPLITS, bounds[:-1], bounds[1:]):
+    for s, lo, hi in zip(nla.SPLITS, bounds[:-1], bounds[1:]):
         if splits[s] > 0 and hi == lo:
             fail(f"split '{s}' got no document: {len(kept)} usable documents are too few for splits={splits}")
         for i in order[lo:hi]:
@@ -302,7 +281,7 @@ def main(config):
     norms = np.linalg.norm(acts, axis=1)
     quantiles = {f"q{q:02d}": float(np.percentile(norms, q)) for q in (5, 25, 50, 75, 95)}
     tables, counts = {}, {}
-    for s in SPLITS:
+    for s in nla.SPLITS:
         idx = [i for i, r in enumerate(rows) if r[2] == s]
         counts[s] = len(idx)
         tables[s] = pa.table({
@@ -318,10 +297,10 @@ def main(config):
         'alpha': quantiles['q75'],  # the paper's injection scale: the 75th percentile of activation norms
         'norm_quantiles': quantiles, 'teacher': teacher,
         'av_prompt': nla.AV_USER, 'ar_prompt': nla.AR_TEMPLATE,
-        'rows': counts, 'docs': {s: sum(v == s for v in doc_split.values()) for s in SPLITS},
+        'rows': counts, 'docs': {s: sum(v == s for v in doc_split.values()) for s in nla.SPLITS},
         'docs_skipped': skipped, 'config': config,
     }
-    write_outputs(tables, meta)
+    nla.write_data(out_dir, tables, meta)
     print(f"wrote {out_dir}: rows {counts} | alpha {meta['alpha']:.1f} | d_model {d_model}")
 
 

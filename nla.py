@@ -1,6 +1,7 @@
 """
 Natural Language Autoencoder model code: a hand-written LoRA, the verbalizer (AV) with activation
-injection, the truncated-backbone reconstructor (AR), the metrics, and save/load. No training loop.
+injection, the truncated-backbone reconstructor (AR), the metrics, save/load, and the data files that
+datagen.py writes and train.py reads. No training loop.
 
 An activation h is the output of decoder block K (HF's hidden_states[K+1]) at one token.
   AV: the base LM + LoRA. The input embedding of one marker token in a fixed prompt is *replaced* by
@@ -10,17 +11,20 @@ An activation h is the output of decoder block K (HF's hidden_states[K+1]) at on
       then a d x d linear head that starts as the identity.
 Every stage calls the formulas here (inject, normalize, mse, reward, fve) and nowhere else.
 """
+import hashlib
 import json
 import math
 import os
 import re
+import shutil
 from contextlib import contextmanager
 
+import pyarrow.parquet as pq
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import transformers
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -28,6 +32,8 @@ AV_USER = ("Here is an activation vector from inside a language model: {marker}\
            "Describe what it encodes as 2-3 short snippets inside <explanation></explanation> tags.")
 AR_TEMPLATE = "Summary of the following text: <text>{explanation}</text> <summary>"
 FAIL_REWARD = -2.0  # the reward of a rollout with no explanation or that hit the length cap
+SPLITS = ('av_sft', 'ar_sft', 'rl', 'val')  # made of disjoint sets of documents
+IDENTITY = ('model_type', 'n_layers', 'd_model', 'layer')  # data and weights record the model and layer they were made for
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
 # -----------------------------------------------------------------------------
@@ -401,7 +407,98 @@ def load_av(model, path):
     return states[:-1]
 
 
-def read_meta(path):
-    """The metadata save_weights wrote; a file that is not safetensors raises SafetensorError."""
-    with safe_open(path, 'pt') as f:
-        return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+def read_meta(path, needs=(), data_meta=None):
+    """The metadata save_weights wrote. It must hold the keys in `needs`, and given data_meta, have been
+    made for the data's model and layer. Anything else raises ValueError."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} not found")
+    try:
+        with safe_open(path, 'pt') as f:
+            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    except (SafetensorError, ValueError):  # ValueError: metadata that save_weights did not write
+        raise ValueError(f"{path} is not a safetensors file written by this train.py") from None
+    missing = sorted({*needs, *(IDENTITY if data_meta else ())} - meta.keys())
+    if missing:
+        raise ValueError(f"{path} has no {', '.join(missing)} in its metadata: "
+                         "it was written by another or an older train.py; run that stage again")
+    wrong = [f"{k} {meta[k]!r}, the data's is {data_meta[k]!r}" for k in IDENTITY if data_meta and meta[k] != data_meta[k]]
+    if wrong:
+        raise ValueError(f"{path} was made for another model or layer: {'; '.join(wrong)}")
+    return meta
+
+# -----------------------------------------------------------------------------
+# the data: datagen.py writes it, train.py reads it; both sides of the contract are here
+
+
+def write_data(out_dir, tables, meta):
+    """Each split's table as out_dir/{split}.parquet, and meta.json with a data_id (a hash of the parquets, so a
+    run can tell when its data was made again). Every file goes to a temporary folder first, then is renamed into
+    place, meta.json last and after the old one is gone: readers never see new parquets described by an old meta."""
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = os.path.join(out_dir, f".tmp-{os.getpid()}")
+    os.makedirs(tmp)
+    try:
+        digest = hashlib.sha256()
+        for split, table in tables.items():
+            pq.write_table(table, os.path.join(tmp, f"{split}.parquet"))
+            with open(os.path.join(tmp, f"{split}.parquet"), 'rb') as f:
+                digest.update(hashlib.file_digest(f, 'sha256').digest())
+        with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+            json.dump({**meta, 'data_id': digest.hexdigest()[:16]}, f, indent=2)
+        if os.path.exists(os.path.join(out_dir, 'meta.json')):
+            os.remove(os.path.join(out_dir, 'meta.json'))
+        for name in [f"{s}.parquet" for s in tables] + ['meta.json']:
+            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_data_meta(data_dir, base_model, tokenizer):
+    """data_dir/meta.json, which must hold what train.py reads of it and have been made for this model and
+    tokenizer (checked before any model loads). Anything else raises ValueError."""
+    path = os.path.join(data_dir, 'meta.json')
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} not found: run datagen.py first")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except ValueError:
+        raise ValueError(f"{path} is not JSON (cut short?): run datagen.py again") from None
+    missing = sorted({*IDENTITY, 'base_model', 'vocab_size', 'marker', 'marker_id', 'alpha', 'data_id'} - meta.keys())
+    if missing:
+        raise ValueError(f"{path} has no {', '.join(missing)}: it was written by another or an older datagen.py; run it again")
+    if not isinstance(meta['alpha'], (int, float)) or not 0 < meta['alpha'] < math.inf:
+        raise ValueError(f"{path}: alpha must be a finite number > 0, got {meta['alpha']}")
+    signature = model_signature(base_model)
+    problems = [f"{k} {meta[k]!r} vs the model's {v!r}" for k, v in signature.items() if meta[k] != v]
+    if not 0 <= meta['layer'] < signature['n_layers']:
+        problems.append(f"layer {meta['layer']} vs the model's {signature['n_layers']} blocks")
+    if meta['vocab_size'] != len(tokenizer):
+        problems.append(f"vocab size {meta['vocab_size']} vs the tokenizer's {len(tokenizer)}")
+    if tokenizer.encode(meta['marker'], add_special_tokens=False) != [meta['marker_id']]:
+        problems.append(f"marker {meta['marker']!r} is not token {meta['marker_id']} in this tokenizer")
+    if problems:
+        raise ValueError(f"data {data_dir} was made for {meta['base_model']}, not {base_model}: " + "; ".join(problems))
+    return meta
+
+
+def read_split(data_dir, split, d_model):
+    """One split: activations (N, d) float32, and the contexts and explanations as lists."""
+    path = os.path.join(data_dir, f"{split}.parquet")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} not found: run datagen.py first")
+    try:
+        table = pq.read_table(path, columns=['activation', 'context', 'explanation'])
+    except (OSError, ValueError) as e:  # a cut or foreign file; ArrowInvalid is a ValueError
+        raise ValueError(f"{path} is not a split written by datagen.py ({str(e).splitlines()[0]})") from None
+    if table.num_rows == 0:
+        raise ValueError(f"{path} has no rows")
+    acts = table.column('activation').combine_chunks()
+    if getattr(acts.type, 'list_size', None) != d_model:
+        raise ValueError(f"{path}: activations must be fixed-size lists of meta.json's d_model {d_model}, got {acts.type}")
+    acts = torch.from_numpy(acts.flatten().to_numpy().reshape(-1, d_model).copy())
+    bad = torch.nonzero(~torch.isfinite(acts).all(1) | (acts == 0).all(1)).flatten()
+    if len(bad):
+        raise ValueError(f"{path}: row {bad[0].item()} has a NaN, inf or all-zero activation")
+    return {'acts': acts, 'context': table.column('context').to_pylist(),
+            'explanation': table.column('explanation').to_pylist()}

@@ -27,10 +27,8 @@ import time
 import types
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import GenerationConfig
 
@@ -111,68 +109,20 @@ def fail(msg):
     raise SystemExit(f"train: {msg}")
 
 
+def checked(fn, *args):
+    """fn(*args), its ValueError (bad data, weights or model) said in one line."""
+    try:
+        return fn(*args)
+    except ValueError as e:
+        fail(str(e))
+
+
 def print0(*args, **kwargs):
     if master_process:
         print(*args, **kwargs, flush=True)
 
 # -----------------------------------------------------------------------------
 # data
-
-IDENTITY = ('model_type', 'n_layers', 'd_model', 'layer')  # data and weights record the model and layer they were made for
-
-
-def load_meta():
-    """data_dir/meta.json, which must hold what train.py reads of it."""
-    path = os.path.join(data_dir, 'meta.json')
-    if not os.path.isfile(path):
-        fail(f"{path} not found: run datagen.py first")
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except ValueError:
-        fail(f"{path} is not JSON (cut short?): run datagen.py again")
-    missing = sorted({*IDENTITY, 'base_model', 'vocab_size', 'marker', 'marker_id', 'alpha'} - meta.keys())
-    if missing:
-        fail(f"{path} has no {', '.join(missing)}: it was written by another or an older datagen.py; run it again")
-    if not isinstance(meta['alpha'], (int, float)) or not 0 < meta['alpha'] < math.inf:
-        fail(f"{path}: alpha must be a finite number > 0, got {meta['alpha']}")
-    return meta
-
-
-def load_split(split, d_model):
-    """One split as tensors and lists; activations (N, d) float32."""
-    path = os.path.join(data_dir, f"{split}.parquet")
-    if not os.path.isfile(path):
-        fail(f"{path} not found: run datagen.py first")
-    try:
-        table = pq.read_table(path, columns=['activation', 'context', 'explanation'])
-    except (OSError, ValueError) as e:  # a cut or foreign file; ArrowInvalid is a ValueError
-        fail(f"{path} is not a split written by datagen.py ({str(e).splitlines()[0]})")
-    if table.num_rows == 0:
-        fail(f"{path} has no rows")
-    acts = table.column('activation').combine_chunks()
-    if getattr(acts.type, 'list_size', None) != d_model:
-        fail(f"{path}: activations must be fixed-size lists of meta.json's d_model {d_model}, got {acts.type}")
-    acts = torch.from_numpy(acts.flatten().to_numpy().reshape(-1, d_model).copy())
-    bad = torch.nonzero(~torch.isfinite(acts).all(1) | (acts == 0).all(1)).flatten()
-    if len(bad):
-        fail(f"{path}: row {bad[0].item()} has a NaN, inf or all-zero activation")
-    return {'acts': acts, 'context': table.column('context').to_pylist(),
-            'explanation': table.column('explanation').to_pylist()}
-
-
-def check_meta(meta, signature, tokenizer):
-    """Stop before any model loads if the data was made for another model or tokenizer."""
-    problems = [f"{k} {meta[k]!r} vs the model's {v!r}" for k, v in signature.items() if meta[k] != v]
-    if not 0 <= meta['layer'] < signature['n_layers']:
-        problems.append(f"layer {meta['layer']} vs the model's {signature['n_layers']} blocks")
-    if meta['vocab_size'] != len(tokenizer):
-        problems.append(f"vocab size {meta['vocab_size']} vs the tokenizer's {len(tokenizer)}")
-    if tokenizer.encode(meta['marker'], add_special_tokens=False) != [meta['marker_id']]:
-        problems.append(f"marker {meta['marker']!r} is not token {meta['marker_id']} in this tokenizer")
-    if problems:
-        fail(f"data {data_dir} was made for {meta['base_model']}, not {base_model}: " + "; ".join(problems))
-
 
 def take_rows(cursor, count, n):
     """The next `count` row indices of an endless stream of seeded per-epoch shuffles, and the new
@@ -197,38 +147,24 @@ def rank_slice(idx):
 
 
 def read_init(path, keys, data_meta):
-    """The metadata of a weights file that a stage starts from: it must hold `keys` to rebuild the model,
-    and have been made for the data's model and layer."""
-    if not os.path.isfile(path):
-        fail(f"{path} not found")
-    try:
-        meta = nla.read_meta(path)
-    except (SafetensorError, ValueError):  # ValueError: metadata that save_weights did not write
-        fail(f"{path} is not a safetensors file written by this train.py")
-    missing = sorted({*keys, *IDENTITY} - meta.keys())
-    if missing:
-        fail(f"{path} has no {', '.join(missing)} in its metadata: it was written by another or an older train.py; run that stage again")
-    wrong = [f"{k} {meta[k]!r}, the data's is {data_meta[k]!r}" for k in IDENTITY if meta[k] != data_meta[k]]
-    if wrong:
-        fail(f"{path} was made for another model or layer: {'; '.join(wrong)}")
+    """The metadata of a weights file a stage starts from: it must hold `keys` to rebuild the model, and have been
+    made for the data's model and layer."""
+    meta = checked(nla.read_meta, path, [*keys, 'data_id'], data_meta)
+    if meta['data_id'] != data_meta['data_id']:
+        print0(f"train: note: {path} was trained on other data than {data_dir} (data_id {meta['data_id']}, not "
+               f"{data_meta['data_id']}): if the two share documents, val rows here may have been its training rows",
+               file=sys.stderr)
     return meta
-
-
-def load_weights(load, *args):
-    try:
-        return load(*args)
-    except ValueError as e:  # names or shapes that do not fit this model
-        fail(str(e))
 
 
 def build_av(init, data_meta, tokenizer, dev):
     """The verbalizer: base LM + LoRA, from init/av.safetensors when given. Returns (model, frozen adapters, meta)."""
     path = os.path.join(init, 'av.safetensors') if init else ''
     meta = {'lora_rank': lora_rank, 'lora_alpha': lora_alpha, 'rslora': rslora}
-    meta = read_init(path, meta.keys(), data_meta) if init else meta
+    meta = read_init(path, meta, data_meta) if init else meta
     av = nla.load_lm(base_model, dtype, dev)
     nla.add_lora(av, meta['lora_rank'], meta['lora_alpha'], meta['rslora'])
-    frozen = load_weights(nla.load_av, av, path) if init else []
+    frozen = checked(nla.load_av, av, path) if init else []
     av.generation_config = GenerationConfig(  # ours alone: no sampling defaults of the model's leak in
         do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
         eos_token_id=nla.end_token_ids(av, tokenizer), pad_token_id=tokenizer.pad_token_id,
@@ -243,12 +179,12 @@ def build_ar(init, data_meta, reads, dev):
     path = os.path.join(init, 'ar.safetensors') if init else ''
     meta = {'ar_lora_rank': ar_lora_rank, 'lora_alpha': lora_alpha, 'rslora': rslora, 'ar_input': ar_input,
             'ar_max_tokens': ar_max_tokens}
-    meta = read_init(path, meta.keys(), data_meta) if init else meta
+    meta = read_init(path, meta, data_meta) if init else meta
     if meta['ar_input'] != reads:
         fail(f"{path} is an AR of ar_input='{meta['ar_input']}', used here where one of ar_input='{reads}' is needed")
     ar = nla.load_reconstructor(base_model, data_meta['layer'], dtype, dev, meta['ar_lora_rank'], meta['lora_alpha'], meta['rslora'])
     if init:
-        load_weights(nla.load_trainable, ar, load_file(path), path)
+        checked(nla.load_trainable, ar, load_file(path), path)
     if gradient_checkpointing:
         ar.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
     return ar, meta
@@ -588,13 +524,14 @@ def save_checkpoint(run):
         check_ranks_agree(run, run.dev)
     if not master_process:
         return
-    meta = {'stage': stage, 'step': run.step, 'base_model': base_model, **{k: run.meta[k] for k in IDENTITY}}
+    meta = {'stage': stage, 'step': run.step, 'base_model': base_model, **{k: run.meta[k] for k in (*nla.IDENTITY, 'data_id')}}
     if run.av_opt is not None:
         nla.save_av(run.av, os.path.join(out_dir, 'av.safetensors'), run.av_frozen, {**run.av_meta, **meta})
     if run.ar_opt is not None:
         nla.save_weights(os.path.join(out_dir, 'ar.safetensors'), nla.trainable_state(run.ar),
                          {**run.ar_meta, **meta, 'ar_max_tokens': ar_max_tokens})
     ckpt = {'step': run.step, 'cursor': run.cursor, 'bad_steps': run.bad_steps, 'skipped': run.skipped, 'config': run.config,
+            'data_id': run.meta['data_id'],
             'av': None if run.av_opt is None else nla.trainable_state(run.av),
             'ar': None if run.ar_opt is None else nla.trainable_state(run.ar),
             'av_opt': None if run.av_opt is None else run.av_opt.state_dict(),
@@ -606,8 +543,9 @@ def save_checkpoint(run):
     os.replace(path + '.tmp', path)
 
 
-# what a resumed run may change: when it stops, how often it reports, and how it fits the machine
-RESUMABLE = ('resume', 'max_steps', 'eval_interval', 'eval_examples', 'ckpt_interval', 'log_interval', 'wandb_log',
+# what a resumed run may change: when it stops, how often it reports, how it fits the machine, and where its
+# folders are (the data is checked by its data_id)
+RESUMABLE = ('resume', 'out_dir', 'data_dir', 'max_steps', 'eval_interval', 'eval_examples', 'ckpt_interval', 'log_interval', 'wandb_log',
              'wandb_project', 'wandb_run_name', 'device', 'micro_batch', 'gradient_checkpointing', 'gen_cache',
              'vllm_gpu_memory')
 
@@ -618,6 +556,9 @@ def load_checkpoint(run):
         ckpt = torch.load(path, map_location='cpu', weights_only=False)
     except (RuntimeError, EOFError, pickle.UnpicklingError):
         fail(f"{path} cannot be read (cut short by a crash?): resume from a copy, or start again")
+    if ckpt.get('data_id') != run.meta['data_id']:
+        fail(f"{path} was made on data {ckpt.get('data_id')}, but {data_dir} now holds data {run.meta['data_id']} "
+             "(made again by datagen.py?): resume on the data the run started on, or start again")
     saved = ckpt['config']
     changed = sorted(k for k in set(saved) | set(run.config) if k not in RESUMABLE and saved.get(k) != run.config.get(k))
     if changed:
@@ -845,10 +786,8 @@ def rl(run):
 
 
 def eval_stage(run):
-    record, examples = evaluate(run, run.val, 0)
-    print0(f"eval | {fmt(record)}")
-    print_examples(examples)
-    log(run, record)
+    """Held-out metrics of init_av and init_ar: a run of no steps."""
+    run_loop(run, 0, None, lambda step: evaluate(run, run.val, step))
 
 # -----------------------------------------------------------------------------
 
@@ -915,13 +854,8 @@ def main(config):
         dist.barrier()  # every rank has checked out_dir before rank 0 writes to it
     if master_process:
         print(json.dumps(config))
-    meta = load_meta()
-    try:
-        tokenizer = nla.load_tokenizer(base_model)
-        signature = nla.model_signature(base_model)
-    except ValueError as e:
-        fail(str(e))
-    check_meta(meta, signature, tokenizer)
+    tokenizer = checked(nla.load_tokenizer, base_model)
+    meta = checked(nla.read_data_meta, data_dir, base_model, tokenizer)
     torch.manual_seed(seed)  # the same fresh LoRA on every rank
     np.random.seed(seed)
     random.seed(seed)
@@ -931,8 +865,8 @@ def main(config):
     run.prompt_ids, run.marker_pos = nla.av_prompt(tokenizer, meta['marker'])
     run.alpha = meta['alpha']
     train_split = {'sft_av': 'av_sft', 'sft_ar': 'ar_sft', 'rl': 'rl', 'eval': None}[stage]
-    run.train = load_split(train_split, run.d) if train_split else None  # every input is read before out_dir is written
-    run.val = load_split('val', run.d)
+    run.train = checked(nla.read_split, data_dir, train_split, run.d) if train_split else None  # every input is read before out_dir is written
+    run.val = checked(nla.read_split, data_dir, 'val', run.d)
     run.total = sft_steps(len(run.train['acts'])) if stage in ('sft_av', 'sft_ar') else max_steps
     eval_shard(len(run.val['acts']))  # fails if an eval would leave a rank no rows
     run.av = run.ar = run.ctx_ar = run.av_opt = run.ar_opt = run.engine = None

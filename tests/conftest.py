@@ -3,6 +3,7 @@ template, random Llama and Qwen3 models from a config, and a synthetic corpus.""
 import json
 import os
 import random
+import shutil
 import sys
 
 import pyarrow as pa
@@ -130,3 +131,25 @@ def sft_runs(tiny_dir, tiny_data, tmp_path_factory):
     run_script('train.py', *base, '--stage=sft_ar', '--ar_input=context', f'--out_dir={out["ar_context"]}',
                '--max_steps=100', '--ar_lr=3e-3', '--eval_interval=100', '--eval_rows=160')
     return out
+
+
+def broken_copy(tiny_data, tmp_path, meta_edit=None, val=None):
+    """A copy of the tiny data with meta.json's text edited or the val split replaced."""
+    data = tmp_path / 'data'
+    shutil.copytree(tiny_data, data)
+    if meta_edit is not None:
+        (data / 'meta.json').write_text(meta_edit(json.loads((data / 'meta.json').read_text())))
+    if val == 'cut':
+        raw = (data / 'val.parquet').read_bytes()
+        (data / 'val.parquet').write_bytes(raw[:len(raw) // 2])
+    elif val is not None:
+        pq.write_table(val(pq.read_table(data / 'val.parquet')), data / 'val.parquet')
+    return str(data)
+
+
+def zero_first_activation(table):
+    acts = table.column('activation').combine_chunks()
+    flat = acts.flatten().to_numpy().copy()
+    flat[:acts.type.list_size] = 0
+    return table.set_column(table.column_names.index('activation'), 'activation',
+                            pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), acts.type.list_size))

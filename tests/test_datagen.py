@@ -1,7 +1,8 @@
-"""datagen.py: positions, activations, splits, teachers, meta.json, and refusal of bad input."""
+"""datagen.py: positions, activations, splits, teachers, meta.json, and refusal of bad input; the readers of its files."""
 import http.server
 import json
 import os
+import re
 import threading
 
 import numpy as np
@@ -11,9 +12,9 @@ import pytest
 import torch
 
 import nla
-from conftest import run_script, synthetic_docs
+from conftest import broken_copy, run_script, synthetic_docs, zero_first_activation
 
-SPLITS = ('av_sft', 'ar_sft', 'rl', 'val')
+SPLITS = nla.SPLITS
 
 
 def read(out, split):
@@ -259,3 +260,50 @@ def test_api_cache_line_that_is_not_json_is_named(tiny_dir, tmp_path, teacher_ur
     p = run_script(*api_args(tiny_dir, tmp_path / 'out', teacher_url), env={'OPENAI_API_KEY': 'test-key'}, ok=False)
     last = p.stderr.strip().splitlines()[-1]
     assert f"teacher cache '{cache}' line 2 is not a cache entry: delete that line or the file" in last
+
+# -----------------------------------------------------------------------------
+# what train.py reads: nla.read_data_meta and nla.read_split
+
+
+def test_data_id_is_a_hash_of_the_splits(tmp_path):
+    """Written twice from the same tables, the data has one data_id; one changed value gives another."""
+    table = pa.table({'x': [1.0, 2.0]})
+    ids = []
+    for name, t in (('a', table), ('b', table), ('c', pa.table({'x': [1.0, 2.5]}))):
+        nla.write_data(str(tmp_path / name), {'val': t}, {'layer': 1})
+        ids.append(json.load(open(tmp_path / name / 'meta.json'))['data_id'])
+    assert ids[0] == ids[1] != ids[2]
+
+
+@pytest.mark.parametrize('meta_edit, message', [
+    (lambda m: json.dumps(m)[:40], 'is not JSON (cut short?)'),
+    (lambda m: json.dumps({k: v for k, v in m.items() if k != 'alpha'}), 'has no alpha'),
+    (lambda m: json.dumps({k: v for k, v in m.items() if k != 'data_id'}), 'has no data_id: it was written by another or an older'),
+    (lambda m: json.dumps({**m, 'alpha': float('nan')}), 'alpha must be a finite number > 0'),
+    (lambda m: json.dumps({**m, 'alpha': -5.0}), 'alpha must be a finite number > 0'),
+    (lambda m: json.dumps({**m, 'd_model': 32}), "d_model 32 vs the model's 64"),
+    (lambda m: json.dumps({**m, 'model_type': 'qwen3'}), "model_type 'qwen3' vs the model's 'llama'"),
+    (lambda m: json.dumps({**m, 'layer': 9}), "layer 9 vs the model's 4 blocks"),
+    (lambda m: json.dumps({**m, 'marker_id': 5}), 'is not token 5 in this tokenizer'),
+])
+def test_read_data_meta_refuses(tiny_dir, tiny_data, tmp_path, meta_edit, message):
+    data = broken_copy(tiny_data, tmp_path, meta_edit)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        nla.read_data_meta(data, tiny_dir['llama'], nla.load_tokenizer(tiny_dir['llama']))
+
+
+@pytest.mark.parametrize('val, message', [
+    ('cut', 'is not a split written by datagen.py'),
+    (lambda t: t.slice(0, 0), 'has no rows'),
+    (lambda t: t.drop_columns(['explanation']), 'is not a split written by datagen.py'),
+    (zero_first_activation, 'row 0 has a NaN, inf or all-zero activation'),
+])
+def test_read_split_refuses(tiny_data, tmp_path, val, message):
+    data = broken_copy(tiny_data, tmp_path, val=val)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        nla.read_split(data, 'val', 64)
+
+
+def test_read_split_refuses_another_width(tiny_data):
+    with pytest.raises(ValueError, match="fixed-size lists of meta.json's d_model 32"):
+        nla.read_split(tiny_data, 'val', 32)

@@ -1,5 +1,6 @@
-"""nla.py: LoRA, injection, the reconstructor, the metrics and save/load, on tiny random models."""
+"""nla.py: LoRA, injection, the reconstructor, the metrics and save/load, on tiny random models (its data readers: test_datagen.py)."""
 import math
+import re
 
 import pytest
 import torch
@@ -226,6 +227,30 @@ def test_av_save_load_bit_identical(tiny_dir, tmp_path):
     ids = torch.randint(0, 300, (2, 12))
     assert torch.equal(model(ids).logits, fresh(ids).logits)
     assert len(back) == 1 and nla.read_meta(tmp_path / 'av.safetensors') == {'lora_rank': 4}
+
+
+SIGNATURE = {'model_type': 'llama', 'n_layers': 4, 'd_model': 64, 'layer': 1}
+
+
+@pytest.mark.parametrize('meta, needs, data_meta, message', [
+    ({'lora_rank': 4, **SIGNATURE}, ['lora_rank'], SIGNATURE, None),
+    (None, [], None, 'is not a safetensors file written by this train.py'),
+    ({'lora_rank': 4, **SIGNATURE}, ['lora_rank', 'ar_max_tokens'], None, 'has no ar_max_tokens in its metadata'),
+    ({'lora_rank': 4}, ['lora_rank'], SIGNATURE, 'has no d_model, layer, model_type, n_layers in its metadata'),
+    ({'lora_rank': 4, **SIGNATURE}, [], {**SIGNATURE, 'layer': 2}, "another model or layer: layer 1, the data's is 2"),
+    ({'lora_rank': 4, **SIGNATURE}, [], {**SIGNATURE, 'model_type': 'qwen3'}, "model_type 'llama', the data's is 'qwen3'"),
+])
+def test_read_meta_checks_what_a_stage_needs(tmp_path, meta, needs, data_meta, message):
+    path = tmp_path / 'av.safetensors'
+    if meta is None:
+        path.write_text('not weights')
+    else:
+        nla.save_weights(path, {'w': torch.zeros(2)}, meta)
+    if message is None:
+        assert nla.read_meta(path, needs, data_meta) == meta
+    else:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            nla.read_meta(path, needs, data_meta)
 
 
 def test_ar_save_load_bit_identical(tiny_dir, tmp_path):
