@@ -764,23 +764,25 @@ def rl(run):
         ar_loss, ar_norm, ar_ok = ar_step(run.ar, tok, [explanations[i] for i in vi], acts[vi], run.ar_opt, ar_lr_now, dev)
         t_ar = time.time()
 
-        # every logged number is over the global batch
+        # every logged number is over the global batch: local sums, summed over ranks, then divided
         err_sum, u_sum, n_valid = nla.fve_stats(preds, acts[vi])
         groups = rewards.view(-1, group_size)
-        extracted = sum(e is not None for e in explanations)
-        s = global_sum([rewards.sum(), rewards.pow(2).sum(), len(texts), n_valid, extracted, truncated.sum(),
-                        lengths.sum(), kl.sum(), entropy.sum(), (groups.max(1).values - groups.min(1).values < 1e-8).sum(),
-                        groups.shape[0], err_sum, t_gen - t0, logp_diff.sum(), len(texts) - kept.sum()], dev)
-        u_sum = global_sum(u_sum, dev)
-        n = s[2].item()
-        return {'ok': av_ok and ar_ok, 'reward': (s[0] / n).item(), 'reward_std': ((s[1] / n - (s[0] / n) ** 2).clamp(min=0).sqrt()).item(),
-                'fve': nla.fve_from_stats(s[11], u_sum, s[3]) if s[3] > 1 else float('nan'),
-                'extraction_rate': (s[4] / n).item(), 'truncation_rate': (s[5] / n).item(), 'mean_len': (s[6] / n).item(),
-                'kl': (s[7] / n).item(), 'entropy': (s[8] / n).item(), 'zero_adv_frac': (s[9] / s[10]).item(),
-                'av_grad_norm': av_norm, 'ar_grad_norm': ar_norm, 'ar_loss': ar_loss, 'lr': lr_now, 'ar_lr': ar_lr_now,
-                't_gen': t_gen - t0, 't_score': t_score - t_gen, 't_av': t_av - t_score, 't_ar': t_ar - t_av,
-                'rollout_tok_s': s[6].item() / (s[12].item() / ddp_world_size),
-                **({'sampler_logp_diff': (s[13] / n).item(), 'sampler_dropped': int(s[14].item())} if run.engine is not None else {})}
+        local = {'reward': rewards.sum(), 'reward_sq': rewards.pow(2).sum(), 'rollouts': len(texts), 'valid': n_valid,
+                 'extraction_rate': sum(e is not None for e in explanations), 'truncation_rate': truncated.sum(),
+                 'mean_len': lengths.sum(), 'kl': kl.sum(), 'entropy': entropy.sum(), 'groups': groups.shape[0],
+                 'zero_adv': (groups.max(1).values - groups.min(1).values < 1e-8).sum(), 'sq_err': err_sum,
+                 't_gen': t_gen - t0, 'sampler_logp_diff': logp_diff.sum(), 'sampler_dropped': len(texts) - kept.sum()}
+        s = dict(zip(local, global_sum(list(local.values()), dev).tolist()))
+        n, mean_reward = s['rollouts'], s['reward'] / s['rollouts']
+        record = {'ok': av_ok and ar_ok, 'reward': mean_reward, 'reward_std': math.sqrt(max(s['reward_sq'] / n - mean_reward ** 2, 0)),
+                  'fve': nla.fve_from_stats(s['sq_err'], global_sum(u_sum, dev), s['valid']) if s['valid'] > 1 else float('nan'),
+                  **{k: s[k] / n for k in ('extraction_rate', 'truncation_rate', 'mean_len', 'kl', 'entropy')},
+                  'zero_adv_frac': s['zero_adv'] / s['groups'], 'av_grad_norm': av_norm, 'ar_grad_norm': ar_norm,
+                  'ar_loss': ar_loss, 'lr': lr_now, 'ar_lr': ar_lr_now, 't_gen': t_gen - t0, 't_score': t_score - t_gen,
+                  't_av': t_av - t_score, 't_ar': t_ar - t_av, 'rollout_tok_s': s['mean_len'] / (s['t_gen'] / ddp_world_size)}
+        if run.engine is not None:
+            record.update(sampler_logp_diff=s['sampler_logp_diff'] / n, sampler_dropped=int(s['sampler_dropped']))
+        return record
 
     run_loop(run, max_steps, update, lambda step: evaluate(run, val, step))
 
