@@ -300,8 +300,8 @@ def main(config):
         'rows': counts, 'docs': {s: sum(v == s for v in doc_split.values()) for s in nla.SPLITS},
         'docs_skipped': skipped, 'config': config,
     }
-    nla.write_data(out_dir, tables, meta)
-    print(f"wrote {out_dir}: rows {counts} | alpha {meta['alpha']:.1f} | d_model {d_model}")
+    data_id = nla.write_data(out_dir, tables, meta)
+    print(f"wrote {out_dir}: rows {counts} | alpha {meta['alpha']:.1f} | d_model {d_model} | data_id {data_id}")
 
 
 if __name__ == '__main__':

@@ -9,7 +9,7 @@ An activation h is the output of decoder block K (HF's hidden_states[K+1]) at on
   AR: blocks 0..K of the same LM, final norm dropped, reading the last token of
       "Summary of the following text: <text>{explanation}</text> <summary>", normalised to sqrt(d),
       then a d x d linear head that starts as the identity.
-Every stage calls the formulas here (inject, normalize, mse, reward, fve) and nowhere else.
+Every stage calls the formulas here (inject, response_logprobs, normalize, mse, reward, fve) and nowhere else.
 """
 import hashlib
 import json
@@ -19,6 +19,7 @@ import re
 import shutil
 from contextlib import contextmanager
 
+import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.nn as nn
@@ -250,6 +251,23 @@ def inject(model, prompt_ids, marker_pos, acts, alpha):
     return x
 
 
+def response_logprobs(av, prompt_embeds, resp_ids, resp_mask, with_entropy=False):
+    """(N, T) fp32 log-probs of each response token given the injected prompt and the tokens before
+    it, and, if asked, (N, T) entropies (detached; else None). Logits are made only at the response
+    positions."""
+    N, T = resp_ids.shape
+    x = torch.cat([prompt_embeds, av.get_input_embeddings()(resp_ids)], 1)  # (N, P+T, d)
+    mask = torch.cat([torch.ones(N, prompt_embeds.shape[1], dtype=resp_mask.dtype, device=resp_mask.device), resp_mask], 1)
+    logits = av(inputs_embeds=x, attention_mask=mask, logits_to_keep=T + 1).logits[:, :-1].float()  # (N, T, V)
+    logp = logits.log_softmax(-1)
+    token_logp = logp.gather(-1, resp_ids.unsqueeze(-1)).squeeze(-1)
+    if not with_entropy:
+        return token_logp, None
+    with torch.no_grad():
+        entropy = -(logp.exp() * logp).sum(-1)
+    return token_logp, entropy
+
+
 def extract_explanation(text):
     m = re.search(r"<explanation>(.*?)</explanation>", text, re.DOTALL)
     return None if m is None else m.group(1).strip()
@@ -360,6 +378,14 @@ def fve_rows(pred, target):
     _, u_sum, n = fve_stats(pred, target)
     return torch.tensor([fve_from_stats(n * err, u_sum, n) for err in mse(pred, target).double()])
 
+
+def fve_shuffled(pred, target, seed):
+    """The control: FVE when every row is paired with another row's reconstruction (a seeded derangement)."""
+    order = np.random.default_rng(seed).permutation(len(target))
+    shuffled = torch.empty_like(pred)
+    shuffled[order] = pred[np.roll(order, 1)]
+    return fve(shuffled, target)
+
 # -----------------------------------------------------------------------------
 # saving and loading trainable weights (safetensors, written atomically)
 
@@ -431,26 +457,29 @@ def read_meta(path, needs=(), data_meta=None):
 
 
 def write_data(out_dir, tables, meta):
-    """Each split's table as out_dir/{split}.parquet, and meta.json with a data_id (a hash of the parquets, so a
-    run can tell when its data was made again). Every file goes to a temporary folder first, then is renamed into
-    place, meta.json last and after the old one is gone: readers never see new parquets described by an old meta."""
+    """Each split's table as out_dir/{split}.parquet, and meta.json with a data_id: a hash of the parquets and of
+    meta but its `config` (which names out_dir), so a run can tell when its data changed. Every file goes to a
+    temporary folder first, then is renamed into place, meta.json last and after the old one is gone: readers never
+    see new parquets described by an old meta. Returns the data_id."""
     os.makedirs(out_dir, exist_ok=True)
     tmp = os.path.join(out_dir, f".tmp-{os.getpid()}")
     os.makedirs(tmp)
     try:
-        digest = hashlib.sha256()
+        digest = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != 'config'}, sort_keys=True).encode())
         for split, table in tables.items():
             pq.write_table(table, os.path.join(tmp, f"{split}.parquet"))
             with open(os.path.join(tmp, f"{split}.parquet"), 'rb') as f:
                 digest.update(hashlib.file_digest(f, 'sha256').digest())
+        data_id = digest.hexdigest()[:16]
         with open(os.path.join(tmp, 'meta.json'), 'w') as f:
-            json.dump({**meta, 'data_id': digest.hexdigest()[:16]}, f, indent=2)
+            json.dump({**meta, 'data_id': data_id}, f, indent=2)
         if os.path.exists(os.path.join(out_dir, 'meta.json')):
             os.remove(os.path.join(out_dir, 'meta.json'))
         for name in [f"{s}.parquet" for s in tables] + ['meta.json']:
             os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return data_id
 
 
 def read_data_meta(data_dir, base_model, tokenizer):

@@ -146,10 +146,10 @@ def rank_slice(idx):
 # models
 
 
-def read_init(path, keys, data_meta):
-    """The metadata of a weights file a stage starts from: it must hold `keys` to rebuild the model, and have been
-    made for the data's model and layer."""
-    meta = checked(nla.read_meta, path, [*keys, 'data_id'], data_meta)
+def read_init(path, needs, data_meta):
+    """The metadata of a weights file a stage starts from: it must hold the keys in `needs` to rebuild the model,
+    and have been made for the data's model and layer."""
+    meta = checked(nla.read_meta, path, [*needs, 'data_id'], data_meta)
     if meta['data_id'] != data_meta['data_id']:
         print0(f"train: note: {path} was trained on other data than {data_dir} (data_id {meta['data_id']}, not "
                f"{data_meta['data_id']}): if the two share documents, val rows here may have been its training rows",
@@ -244,23 +244,6 @@ def optimizer_step(params, opt, lr_now):
         opt.step()
     opt.zero_grad(set_to_none=True)
     return float(norm), ok
-
-
-def response_logprobs(av, prompt_embeds, resp_ids, resp_mask, with_entropy=False):
-    """(N, T) fp32 log-probs of each response token given the injected prompt and the tokens before
-    it, and, if asked, (N, T) entropies (detached; else None). Logits are made only at the response
-    positions."""
-    N, T = resp_ids.shape
-    x = torch.cat([prompt_embeds, av.get_input_embeddings()(resp_ids)], 1)  # (N, P+T, d)
-    mask = torch.cat([torch.ones(N, prompt_embeds.shape[1], dtype=resp_mask.dtype, device=resp_mask.device), resp_mask], 1)
-    logits = av(inputs_embeds=x, attention_mask=mask, logits_to_keep=T + 1).logits[:, :-1].float()  # (N, T, V)
-    logp = logits.log_softmax(-1)
-    token_logp = logp.gather(-1, resp_ids.unsqueeze(-1)).squeeze(-1)
-    if not with_entropy:
-        return token_logp, None
-    with torch.no_grad():
-        entropy = -(logp.exp() * logp).sum(-1)
-    return token_logp, entropy
 
 
 def decode(tokenizer, ids, lengths):
@@ -445,14 +428,6 @@ def ar_step(ar, tokenizer, texts, acts, opt, lr_now, dev):
 # evaluation
 
 
-def shuffled_fve(preds, acts):
-    """The control: FVE when every row is paired with another row's reconstruction (a seeded derangement)."""
-    order = np.random.default_rng(seed).permutation(len(acts))
-    shuffled = torch.empty_like(preds)
-    shuffled[order] = preds[np.roll(order, 1)]
-    return nla.fve(shuffled, acts)
-
-
 def eval_shard(n_val):
     """This rank's contiguous share of the first eval_rows val rows, equal on every rank."""
     per_rank = min(eval_rows, n_val) // ddp_world_size
@@ -488,7 +463,7 @@ def evaluate(run, val, step):
         dist.all_gather_object(shards, local)
     cat = lambda k: torch.cat([s[k] for s in shards])
     acts, preds = cat('acts'), cat('preds')
-    record = {'stage': 'eval', 'step': step, 'fve': nla.fve(preds, acts), 'fve_shuffled': shuffled_fve(preds, acts),
+    record = {'stage': 'eval', 'step': step, 'fve': nla.fve(preds, acts), 'fve_shuffled': nla.fve_shuffled(preds, acts, seed),
               'fve_teacher': nla.fve(cat('teacher'), acts),
               'extraction_rate': float(np.mean(sum((s['extracted'] for s in shards), []))),
               'mean_len': float(np.mean(sum((s['lengths'] for s in shards), []))), 'rows': len(acts)}
@@ -531,7 +506,7 @@ def save_checkpoint(run):
         nla.save_weights(os.path.join(out_dir, 'ar.safetensors'), nla.trainable_state(run.ar),
                          {**run.ar_meta, **meta, 'ar_max_tokens': ar_max_tokens})
     ckpt = {'step': run.step, 'cursor': run.cursor, 'bad_steps': run.bad_steps, 'skipped': run.skipped, 'config': run.config,
-            'data_id': run.meta['data_id'],
+            'data_id': run.meta['data_id'], 'av_frozen': run.av_frozen,
             'av': None if run.av_opt is None else nla.trainable_state(run.av),
             'ar': None if run.ar_opt is None else nla.trainable_state(run.ar),
             'av_opt': None if run.av_opt is None else run.av_opt.state_dict(),
@@ -543,11 +518,11 @@ def save_checkpoint(run):
     os.replace(path + '.tmp', path)
 
 
-# what a resumed run may change: when it stops, how often it reports, how it fits the machine, and where its
-# folders are (the data is checked by its data_id)
-RESUMABLE = ('resume', 'out_dir', 'data_dir', 'max_steps', 'eval_interval', 'eval_examples', 'ckpt_interval', 'log_interval', 'wandb_log',
-             'wandb_project', 'wandb_run_name', 'device', 'micro_batch', 'gradient_checkpointing', 'gen_cache',
-             'vllm_gpu_memory')
+# what a resumed run may change: when it stops, how often it reports, how it fits the machine, and where its folders
+# are (the data is checked by its data_id, init_av by its frozen adapters; the checkpoint restores the rest of both inits)
+RESUMABLE = ('resume', 'out_dir', 'data_dir', 'init_av', 'init_ar', 'context_ar', 'max_steps', 'eval_interval',
+             'eval_examples', 'ckpt_interval', 'log_interval', 'wandb_log', 'wandb_project', 'wandb_run_name', 'device',
+             'micro_batch', 'gradient_checkpointing', 'gen_cache', 'vllm_gpu_memory')
 
 
 def load_checkpoint(run):
@@ -556,9 +531,15 @@ def load_checkpoint(run):
         ckpt = torch.load(path, map_location='cpu', weights_only=False)
     except (RuntimeError, EOFError, pickle.UnpicklingError):
         fail(f"{path} cannot be read (cut short by a crash?): resume from a copy, or start again")
-    if ckpt.get('data_id') != run.meta['data_id']:
-        fail(f"{path} was made on data {ckpt.get('data_id')}, but {data_dir} now holds data {run.meta['data_id']} "
-             "(made again by datagen.py?): resume on the data the run started on, or start again")
+    if {'data_id', 'av_frozen'} - ckpt.keys():
+        fail(f"{path} was written by an older train.py, which did not record its data and init: start the run again")
+    if ckpt['data_id'] != run.meta['data_id']:
+        fail(f"{path} was made on data {ckpt['data_id']}, but {data_dir} now holds data {run.meta['data_id']} "
+             "(made again by datagen.py with other settings?): resume on the data the run started on, or start again")
+    if len(ckpt['av_frozen']) != len(run.av_frozen) or not all(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+                                                               for a, b in zip(ckpt['av_frozen'], run.av_frozen)):
+        fail(f"{path}: the adapters of init_av={init_av} (frozen under the live one, the KL reference in rl) "
+             "are not those the run started from (trained again?): resume from the same init_av, or start again")
     saved = ckpt['config']
     changed = sorted(k for k in set(saved) | set(run.config) if k not in RESUMABLE and saved.get(k) != run.config.get(k))
     if changed:
@@ -566,7 +547,7 @@ def load_checkpoint(run):
              f"resume with the same settings (only {', '.join(RESUMABLE[1:])} may change)")
     for model, opt, key in ((run.av, run.av_opt, 'av'), (run.ar, run.ar_opt, 'ar')):
         if opt is not None:
-            nla.load_trainable(model, ckpt[key], path)
+            checked(nla.load_trainable, model, ckpt[key], path)
             opt.load_state_dict(ckpt[f"{key}_opt"])
     run.step, run.cursor, run.bad_steps, run.skipped = ckpt['step'], ckpt['cursor'], ckpt['bad_steps'], ckpt['skipped']
     torch.set_rng_state(ckpt['rng']['torch'])
@@ -660,7 +641,7 @@ def sft_av(run):
         for i in range(0, len(rows), micro_batch):
             ids, mask = nla.pad_right(targets(data, rows[i:i + micro_batch]), tok.pad_token_id, dev)
             embeds = nla.inject(run.av, run.prompt_ids, run.marker_pos, data['acts'][rows[i:i + micro_batch]], run.alpha)
-            logp, _ = response_logprobs(run.av, embeds, ids, mask)
+            logp, _ = nla.response_logprobs(run.av, embeds, ids, mask)
             loss = -(logp * mask).sum() / n_tokens
             if backward:
                 loss.backward()
@@ -706,7 +687,7 @@ def sft_ar(run):
         run.ar.eval()
         rows = list(range(min(eval_rows, len(val['acts']))))  # every rank scores all rows: cheap next to training
         preds, acts = ar_predict(run.ar, run.tokenizer, ar_texts(val, rows, ar_input), dev).cpu(), val['acts'][rows]
-        return {'stage': 'eval', 'step': step, 'fve': nla.fve(preds, acts), 'fve_shuffled': shuffled_fve(preds, acts),
+        return {'stage': 'eval', 'step': step, 'fve': nla.fve(preds, acts), 'fve_shuffled': nla.fve_shuffled(preds, acts, seed),
                 'val_mse': float(nla.mse(preds, acts).mean())}, []
 
     run_loop(run, total, update, evaluate_fn)
@@ -745,8 +726,8 @@ def rl(run):
             sl = slice(i, i + micro_batch)
             x = embeds[sl]
             with torch.no_grad(), nla.lora_disabled(run.av):
-                ref_logp, _ = response_logprobs(run.av, x, ids[sl], mask[sl])
-            logp, ent = response_logprobs(run.av, x, ids[sl], mask[sl], with_entropy=True)
+                ref_logp, _ = nla.response_logprobs(run.av, x, ids[sl], mask[sl])
+            logp, ent = nla.response_logprobs(run.av, x, ids[sl], mask[sl], with_entropy=True)
             if sampler_logp is not None:  # the engine sampled from what the trainer thinks is the policy?
                 logp_diff[sl] = ((logp.detach() - sampler_logp[sl, :T]).abs() * mask[sl]).sum(1) / mask[sl].sum(1)
                 kept[sl] = (logp_diff[sl] <= max_logprob_diff).float()
@@ -766,22 +747,24 @@ def rl(run):
 
         # every logged number is over the global batch: local sums, summed over ranks, then divided
         err_sum, u_sum, n_valid = nla.fve_stats(preds, acts[vi])
+        u_sum = global_sum(u_sum, dev)
         groups = rewards.view(-1, group_size)
         local = {'reward': rewards.sum(), 'reward_sq': rewards.pow(2).sum(), 'rollouts': len(texts), 'valid': n_valid,
-                 'extraction_rate': sum(e is not None for e in explanations), 'truncation_rate': truncated.sum(),
-                 'mean_len': lengths.sum(), 'kl': kl.sum(), 'entropy': entropy.sum(), 'groups': groups.shape[0],
-                 'zero_adv': (groups.max(1).values - groups.min(1).values < 1e-8).sum(), 'sq_err': err_sum,
-                 't_gen': t_gen - t0, 'sampler_logp_diff': logp_diff.sum(), 'sampler_dropped': len(texts) - kept.sum()}
+                 'extracted': sum(e is not None for e in explanations), 'truncated': truncated.sum(), 'tokens': lengths.sum(),
+                 'kl': kl.sum(), 'entropy': entropy.sum(), 'groups': groups.shape[0],
+                 'equal_groups': (groups.max(1).values - groups.min(1).values < 1e-8).sum(), 'sq_err': err_sum,
+                 't_gen': t_gen - t0, 'logp_diff': logp_diff.sum(), 'dropped': len(texts) - kept.sum()}
         s = dict(zip(local, global_sum(list(local.values()), dev).tolist()))
         n, mean_reward = s['rollouts'], s['reward'] / s['rollouts']
         record = {'ok': av_ok and ar_ok, 'reward': mean_reward, 'reward_std': math.sqrt(max(s['reward_sq'] / n - mean_reward ** 2, 0)),
-                  'fve': nla.fve_from_stats(s['sq_err'], global_sum(u_sum, dev), s['valid']) if s['valid'] > 1 else float('nan'),
-                  **{k: s[k] / n for k in ('extraction_rate', 'truncation_rate', 'mean_len', 'kl', 'entropy')},
-                  'zero_adv_frac': s['zero_adv'] / s['groups'], 'av_grad_norm': av_norm, 'ar_grad_norm': ar_norm,
-                  'ar_loss': ar_loss, 'lr': lr_now, 'ar_lr': ar_lr_now, 't_gen': t_gen - t0, 't_score': t_score - t_gen,
-                  't_av': t_av - t_score, 't_ar': t_ar - t_av, 'rollout_tok_s': s['mean_len'] / (s['t_gen'] / ddp_world_size)}
+                  'fve': nla.fve_from_stats(s['sq_err'], u_sum, s['valid']) if s['valid'] > 1 else float('nan'),
+                  'extraction_rate': s['extracted'] / n, 'truncation_rate': s['truncated'] / n, 'mean_len': s['tokens'] / n,
+                  'kl': s['kl'] / n, 'entropy': s['entropy'] / n, 'zero_adv_frac': s['equal_groups'] / s['groups'],
+                  'av_grad_norm': av_norm, 'ar_grad_norm': ar_norm, 'ar_loss': ar_loss, 'lr': lr_now, 'ar_lr': ar_lr_now,
+                  't_gen': t_gen - t0, 't_score': t_score - t_gen, 't_av': t_av - t_score, 't_ar': t_ar - t_av,
+                  'rollout_tok_s': s['tokens'] / (s['t_gen'] / ddp_world_size)}
         if run.engine is not None:
-            record.update(sampler_logp_diff=s['sampler_logp_diff'] / n, sampler_dropped=int(s['sampler_dropped']))
+            record.update(sampler_logp_diff=s['logp_diff'] / n, sampler_dropped=int(s['dropped']))
         return record
 
     run_loop(run, max_steps, update, lambda step: evaluate(run, val, step))
@@ -911,6 +894,8 @@ def main(config):
 if __name__ == '__main__':
     try:
         main(config)
+        if ddp:
+            dist.barrier()  # ranks leave together: a rank leaving while rank 0 still wrote was once aborted at exit (gloo)
     finally:
         if ddp and dist.is_initialized():
             dist.destroy_process_group()

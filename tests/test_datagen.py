@@ -14,9 +14,6 @@ import torch
 import nla
 from conftest import broken_copy, run_script, synthetic_docs, zero_first_activation
 
-SPLITS = nla.SPLITS
-
-
 def read(out, split):
     return pq.read_table(os.path.join(out, f'{split}.parquet')).to_pydict()
 
@@ -36,7 +33,7 @@ def test_writes_four_splits_and_meta(tiny_data, tiny_dir):
     assert (meta['model_type'], meta['n_layers']) == ('llama', 4)
     tok = nla.load_tokenizer(tiny_dir['llama'])
     assert tok.encode(meta['marker'], add_special_tokens=False) == [meta['marker_id']]
-    for s in SPLITS:
+    for s in nla.SPLITS:
         t = pq.read_table(os.path.join(tiny_data, f'{s}.parquet'))
         assert t.num_rows == meta['rows'][s] > 0
         assert str(t.schema.field('activation').type) == 'fixed_size_list<element: float>[64]'
@@ -45,14 +42,14 @@ def test_writes_four_splits_and_meta(tiny_data, tiny_dir):
 
 
 def test_splits_are_document_disjoint(tiny_data):
-    docs = {s: set(read(tiny_data, s)['doc_id']) for s in SPLITS}
-    for i, a in enumerate(SPLITS):
-        for b in SPLITS[i + 1:]:
+    docs = {s: set(read(tiny_data, s)['doc_id']) for s in nla.SPLITS}
+    for i, a in enumerate(nla.SPLITS):
+        for b in nla.SPLITS[i + 1:]:
             assert not docs[a] & docs[b], f"{a} and {b} share documents"
 
 
 def test_explanations_for_every_split_but_rl(tiny_data):
-    for s in SPLITS:
+    for s in nla.SPLITS:
         expl = read(tiny_data, s)['explanation']
         if s == 'rl':
             assert all(e == '' for e in expl)
@@ -76,7 +73,7 @@ def test_activations_equal_a_fresh_forward(tiny_data, tiny_dir):
 
 def test_positions_follow_the_contract(tiny_data):
     """At or after min_position, at most positions_per_doc per document, distinct."""
-    for s in SPLITS:
+    for s in nla.SPLITS:
         rows = read(tiny_data, s)
         assert min(rows['position']) >= 20
         by_doc = {}
@@ -265,14 +262,16 @@ def test_api_cache_line_that_is_not_json_is_named(tiny_dir, tmp_path, teacher_ur
 # what train.py reads: nla.read_data_meta and nla.read_split
 
 
-def test_data_id_is_a_hash_of_the_splits(tmp_path):
-    """Written twice from the same tables, the data has one data_id; one changed value gives another."""
-    table = pa.table({'x': [1.0, 2.0]})
+def test_data_id_is_a_hash_of_the_splits_and_meta(tmp_path):
+    """The same tables and meta written again (to another out_dir, so with another config) keep their data_id;
+    one changed value of a split or of meta gives another."""
+    table, meta = pa.table({'x': [1.0, 2.0]}), {'marker': '*', 'config': {'out_dir': 'a'}}
     ids = []
-    for name, t in (('a', table), ('b', table), ('c', pa.table({'x': [1.0, 2.5]}))):
-        nla.write_data(str(tmp_path / name), {'val': t}, {'layer': 1})
+    for name, t, m in (('a', table, meta), ('b', table, {**meta, 'config': {'out_dir': 'b'}}),
+                       ('c', pa.table({'x': [1.0, 2.5]}), meta), ('d', table, {**meta, 'marker': '#'})):
+        nla.write_data(str(tmp_path / name), {'val': t}, m)
         ids.append(json.load(open(tmp_path / name / 'meta.json'))['data_id'])
-    assert ids[0] == ids[1] != ids[2]
+    assert ids[0] == ids[1] and len({ids[0], ids[2], ids[3]}) == 3
 
 
 @pytest.mark.parametrize('meta_edit, message', [

@@ -208,6 +208,14 @@ def test_fve_stats_sum_across_shards():
     assert nla.fve_from_stats(a[0] + b[0], a[1] + b[1], a[2] + b[2]) == pytest.approx(nla.fve(pred, target))
 
 
+@pytest.mark.parametrize('seed', [0, 1, 2, 3])
+def test_shuffled_control_is_a_derangement(seed):
+    """One-hot rows: each row paired with another gives ||u - p||^2 = 2, so FVE = 1 - 2 / (1 - 1/6) exactly;
+    a row left paired with itself would score higher."""
+    acts = torch.eye(6)
+    assert nla.fve_shuffled(acts.clone(), acts, seed) == pytest.approx(1 - 2 / (1 - 1 / 6))
+
+
 def test_extract_explanation():
     assert nla.extract_explanation("x <explanation> a\nb </explanation> <explanation>c</explanation>") == "a\nb"
     assert nla.extract_explanation("<explanation>never closed") is None

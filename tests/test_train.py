@@ -42,6 +42,9 @@ def test_rl_then_eval_end_to_end(tiny_dir, tiny_data, sft_runs, tmp_path):
                 'av_grad_norm', 'ar_grad_norm', 'lr', 'ar_lr', 'zero_adv_frac', 't_gen', 't_score', 't_av', 't_ar',
                 'rollout_tok_s'):
         assert key in steps[0] and math.isfinite(steps[0][key]), key
+    for r in steps:
+        assert all(0 <= r[k] <= 1 for k in ('extraction_rate', 'truncation_rate', 'zero_adv_frac')), r
+        assert 1 <= r['mean_len'] <= 64 and -4 - 64 * 0.01 <= r['reward'] <= 0 and r['kl'] >= 0, r  # mse is at most 4
     assert any(r['extraction_rate'] > 0 for r in steps) and steps[0]['kl'] == pytest.approx(0, abs=1e-6)
     assert [r['step'] for r in read_log(out, 'eval')] == [0, 3]
     assert {'config.json', 'ckpt.pt', 'av.safetensors', 'ar.safetensors', 'log.jsonl'} <= set(os.listdir(out))
@@ -50,7 +53,8 @@ def test_rl_then_eval_end_to_end(tiny_dir, tiny_data, sft_runs, tmp_path):
     ev = tmp_path / 'eval'
     p = run_script('train.py', *base_args(tiny_dir, tiny_data), '--stage=eval', f'--out_dir={ev}', f'--init_av={out}',
                    f'--init_ar={out}', f'--context_ar={sft_runs["ar_context"]}')
-    record = read_log(ev)[-1]
+    [record] = read_log(ev)
+    assert record['step'] == 0 and sorted(os.listdir(ev)) == ['config.json', 'log.jsonl']  # an eval writes no weights
     for key in ('fve', 'fve_shuffled', 'fve_teacher', 'fve_context', 'extraction_rate', 'mean_len'):
         assert math.isfinite(record[key]), key
     assert record['fve_context'] > record['fve_shuffled'] and '->' in p.stdout
@@ -78,28 +82,50 @@ def test_resume_ends_in_the_same_state(tiny_dir, tiny_data, sft_runs, tmp_path):
     assert 'kl_coef' in p.stderr.strip().splitlines()[-1]
 
 
-def sft_ar_steps(tiny_dir, data, out, steps, *args, ok=True):
-    return run_script('train.py', 'config/tiny.py', f'--base_model={tiny_dir["llama"]}', f'--data_dir={data}', '--stage=sft_ar',
-                      f'--out_dir={out}', f'--max_steps={steps}', '--eval_interval=100', *args, ok=ok)
+def rl_steps(tiny_dir, root, steps, *args, ok=True):
+    """rl in root/run from root/av and root/ar on root/data."""
+    return run_script('train.py', 'config/tiny.py', f'--base_model={tiny_dir["llama"]}', f'--data_dir={root / "data"}',
+                      *RL_ARGS, f'--init_av={root / "av"}', f'--init_ar={root / "ar"}', f'--out_dir={root / "run"}',
+                      f'--max_steps={steps}', '--eval_interval=100', *args, ok=ok)
 
 
-def test_a_run_moved_with_its_data_resumes(tiny_dir, tiny_data, tmp_path):
-    shutil.copytree(tiny_data, tmp_path / 'data')
-    sft_ar_steps(tiny_dir, tmp_path / 'data', tmp_path / 'run', 2)
-    (tmp_path / 'data').rename(tmp_path / 'data2')
-    (tmp_path / 'run').rename(tmp_path / 'run2')
-    sft_ar_steps(tiny_dir, tmp_path / 'data2', tmp_path / 'run2', 4, '--resume=True')
-    assert [r['step'] for r in read_log(tmp_path / 'run2', 'sft_ar')] == [1, 2, 3, 4]
+def rl_tree(tiny_data, sft_runs, root):
+    """A copy of everything an rl run reads: data, av, ar."""
+    for name, src in (('data', tiny_data), ('av', sft_runs['av']), ('ar', sft_runs['ar'])):
+        shutil.copytree(src, root / name)
+    return root
 
 
-def test_resume_refuses_data_made_again(tiny_dir, tiny_data, tmp_path):
-    """datagen.py run again into data_dir gives a new data_id (test_data_id_is_a_hash_of_the_splits)."""
-    data = broken_copy(tiny_data, tmp_path)
-    sft_ar_steps(tiny_dir, data, tmp_path / 'run', 2)
-    meta = json.loads((tmp_path / 'data' / 'meta.json').read_text())
-    (tmp_path / 'data' / 'meta.json').write_text(json.dumps({**meta, 'data_id': 'madeagain'}))
-    p = sft_ar_steps(tiny_dir, data, tmp_path / 'run', 4, '--resume=True', ok=False)
-    assert 'now holds data madeagain (made again by datagen.py?)' in p.stderr.strip().splitlines()[-1]
+def test_a_run_moved_with_its_inputs_resumes(tiny_dir, tiny_data, sft_runs, tmp_path):
+    rl_steps(tiny_dir, rl_tree(tiny_data, sft_runs, tmp_path / 'a'), 1)
+    (tmp_path / 'a').rename(tmp_path / 'b')
+    rl_steps(tiny_dir, tmp_path / 'b', 2, '--resume=True')
+    assert [r['step'] for r in read_log(tmp_path / 'b' / 'run', 'rl')] == [1, 2]
+
+
+def test_resume_refuses_other_data(tiny_dir, tiny_data, sft_runs, tmp_path):
+    """Data written again with other settings has another data_id (test_data_id_is_a_hash_of_the_splits_and_meta)."""
+    root = rl_tree(tiny_data, sft_runs, tmp_path)
+    rl_steps(tiny_dir, root, 1)
+    before = {f: (root / 'run' / f).read_bytes() for f in ('log.jsonl', 'config.json')}
+    meta = json.loads((root / 'data' / 'meta.json').read_text())
+    (root / 'data' / 'meta.json').write_text(json.dumps({**meta, 'data_id': 'otherdata'}))
+    p = rl_steps(tiny_dir, root, 2, '--resume=True', ok=False)
+    assert 'now holds data otherdata' in p.stderr.strip().splitlines()[-1]
+    assert before == {f: (root / 'run' / f).read_bytes() for f in before}
+
+
+def test_resume_refuses_an_init_av_trained_again(tiny_dir, tiny_data, sft_runs, tmp_path):
+    """rl's KL reference is init_av's adapter, rebuilt from init_av at a resume: it must be the one the run started from."""
+    root = rl_tree(tiny_data, sft_runs, tmp_path)
+    rl_steps(tiny_dir, root, 1)
+    path = str(root / 'av' / 'av.safetensors')
+    tensors = load_file(path)
+    name = next(k for k in tensors if 'lora_B' in k)
+    tensors[name] = tensors[name] + 0.01
+    nla.save_weights(path, tensors, nla.read_meta(path))
+    p = rl_steps(tiny_dir, root, 2, '--resume=True', ok=False)
+    assert 'are not those the run started from' in p.stderr.strip().splitlines()[-1]
 
 
 def test_init_trained_on_other_data_is_noted(tiny_data, sft_runs, monkeypatch, capsys):
@@ -350,11 +376,6 @@ def test_response_mask_keeps_the_end_token_and_ignores_what_follows():
     mask, lengths, truncated = train.response_mask(ids, [2])
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
     assert lengths.tolist() == [2, 4, 1] and truncated.tolist() == [False, True, False]
-
-
-def test_shuffled_control_is_a_derangement():
-    acts = torch.eye(6) + 0.01
-    assert train.shuffled_fve(acts.clone(), acts) < 0 < nla.fve(acts.clone(), acts)
 
 
 def test_static_cache_draws_the_same_rollouts(tiny_dir, monkeypatch):

@@ -57,7 +57,7 @@ def logprob_gap(engine, av, tok, prompt_ids, pos, n_prompts=8):
     embeds = nla.inject(av, prompt_ids, pos, torch.randn(n_prompts, av.config.hidden_size, device=DEVICE), 2.0)
     ids, mask, _, _, engine_logp = train.vllm_rollouts(engine, embeds, 2, nla.end_token_ids(av, tok), tok.pad_token_id, (0, 0), 0)
     with torch.no_grad():
-        hf_logp, _ = train.response_logprobs(av, embeds.repeat_interleave(2, 0), ids, mask)
+        hf_logp, _ = nla.response_logprobs(av, embeds.repeat_interleave(2, 0), ids, mask)
     return float(((hf_logp - engine_logp).abs() * mask).sum() / mask.sum())
 
 
