@@ -300,7 +300,14 @@ def main(config):
         'rows': counts, 'docs': {s: sum(v == s for v in doc_split.values()) for s in nla.SPLITS},
         'docs_skipped': skipped, 'config': config,
     }
+    try:  # the data this replaces, to say so
+        with open(os.path.join(out_dir, 'meta.json')) as f:
+            old_id = json.load(f).get('data_id', 'of an older datagen.py')
+    except (OSError, ValueError, AttributeError):
+        old_id = None
     data_id = nla.write_data(out_dir, tables, meta)
+    if old_id not in (None, data_id):
+        print(f"datagen: note: replaced data {old_id} in {out_dir}: runs made on it cannot resume here", file=sys.stderr)
     print(f"wrote {out_dir}: rows {counts} | alpha {meta['alpha']:.1f} | d_model {d_model} | data_id {data_id}")
 
 

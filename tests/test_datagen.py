@@ -107,6 +107,15 @@ def test_txt_corpus(tiny_dir, tmp_path):
     assert sum(json.load(open(tmp_path / 'out' / 'meta.json'))['docs'].values()) == 30
 
 
+def test_replacing_other_data_is_noted(tiny_dir, tmp_path):
+    args = ['datagen.py', 'config/datagen_tiny.py', f'--base_model={tiny_dir["llama"]}', f'--corpus={tiny_dir["corpus"]}',
+            f'--out_dir={tmp_path}']
+    run_script(*args)
+    old = json.load(open(tmp_path / 'meta.json'))['data_id']
+    p = run_script(*args, '--seed=2')
+    assert f'replaced data {old}' in p.stderr and old != json.load(open(tmp_path / 'meta.json'))['data_id']
+
+
 @pytest.mark.parametrize('args, message', [
     (['--corpus=/nonexistent.parquet'], "corpus '/nonexistent.parquet' not found"),
     (['--layer=4'], "layer 4 does not exist"),
@@ -227,8 +236,9 @@ def test_api_teacher_retries_and_caches(tiny_dir, tmp_path, teacher_url):
     first = FakeTeacher.calls
     rows = read(tmp_path / 'out', 'val')
     assert all(e.startswith('<explanation>ends ') for e in rows['explanation'])
-    run_script(*args, env={'OPENAI_API_KEY': 'test-key'})
+    p = run_script(*args, env={'OPENAI_API_KEY': 'test-key'})
     assert FakeTeacher.calls == first  # all from the cache
+    assert 'replaced data' not in p.stderr  # the same data written again
 
 
 def test_api_key_missing_fails_first_and_leaves_no_folder(tiny_dir, tmp_path):
