@@ -11,8 +11,35 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+import configurator
+import datagen
 import nla
-from conftest import broken_copy, run_script, synthetic_docs, zero_first_activation
+from conftest import ROOT, broken_copy, run_script, synthetic_docs, zero_first_activation
+
+
+def datagen_config(monkeypatch, *args):
+    """`python datagen.py config/datagen_tiny.py *args` in-process: the config resolved by configurator from
+    datagen's globals, as under __main__, and set as those globals through monkeypatch (restored after the test)."""
+    config = configurator.configure(dict(vars(datagen)), [os.path.join(ROOT, 'config', 'datagen_tiny.py'), *map(str, args)])
+    for name, value in config.items():
+        monkeypatch.setattr(datagen, name, value)
+    return config
+
+
+def run_datagen(monkeypatch, *args):
+    datagen.main(datagen_config(monkeypatch, *args))
+
+
+def refusal(monkeypatch, *args):
+    """The one line datagen.main stops with on these args: the SystemExit message a user sees on stderr (exit status 1).
+    Any other exception escapes, as the traceback it would be on the command line."""
+    config = datagen_config(monkeypatch, *args)
+    with pytest.raises(SystemExit) as e:
+        datagen.main(config)
+    line = e.value.code
+    assert isinstance(line, str) and line.startswith('datagen: ') and '\n' not in line, repr(line)
+    return line
+
 
 def read(out, split):
     return pq.read_table(os.path.join(out, f'{split}.parquet')).to_pydict()
@@ -90,20 +117,18 @@ def test_positions_are_deterministic_per_document():
     assert a != draw_positions(ids, {0, 55}, 4, 1, 5, 50)
 
 
-def test_short_documents_are_skipped_and_counted(tiny_dir, tmp_path):
+def test_short_documents_are_skipped_and_counted(tiny_dir, tmp_path, monkeypatch):
     corpus = tmp_path / 'c.jsonl'
     docs = synthetic_docs(30) + ['too short.'] * 3
     corpus.write_text(''.join(json.dumps({'text': d}) + '\n' for d in docs))
-    run_script('datagen.py', 'config/datagen_tiny.py', f'--base_model={tiny_dir["llama"]}', f'--corpus={corpus}',
-               f'--out_dir={tmp_path / "out"}')
+    run_datagen(monkeypatch, f'--base_model={tiny_dir["llama"]}', f'--corpus={corpus}', f'--out_dir={tmp_path / "out"}')
     assert json.load(open(tmp_path / 'out' / 'meta.json'))['docs_skipped'] == 3
 
 
-def test_txt_corpus(tiny_dir, tmp_path):
+def test_txt_corpus(tiny_dir, tmp_path, monkeypatch):
     corpus = tmp_path / 'c.txt'
     corpus.write_text('\n\n'.join(synthetic_docs(30)))
-    run_script('datagen.py', 'config/datagen_tiny.py', f'--base_model={tiny_dir["llama"]}', f'--corpus={corpus}',
-               f'--out_dir={tmp_path / "out"}')
+    run_datagen(monkeypatch, f'--base_model={tiny_dir["llama"]}', f'--corpus={corpus}', f'--out_dir={tmp_path / "out"}')
     assert sum(json.load(open(tmp_path / 'out' / 'meta.json'))['docs'].values()) == 30
 
 
@@ -114,6 +139,17 @@ def test_replacing_other_data_is_noted(tiny_dir, tmp_path):
     old = json.load(open(tmp_path / 'meta.json'))['data_id']
     p = run_script(*args, '--seed=2')
     assert f'replaced data {old}' in p.stderr and old != json.load(open(tmp_path / 'meta.json'))['data_id']
+
+
+def test_refusal_on_the_command_line_is_one_line_without_traceback(tiny_dir, tmp_path, monkeypatch):
+    """The refusals below run datagen.main in-process; on the command line the same SystemExit is the last line
+    of stderr, with a non-zero exit status and no traceback (run_script checks both)."""
+    out = tmp_path / 'out'
+    args = [f'--base_model={tiny_dir["llama"]}', '--corpus=/nonexistent.parquet', f'--out_dir={out}']
+    p = run_script('datagen.py', 'config/datagen_tiny.py', *args, ok=False)
+    line = "datagen: corpus '/nonexistent.parquet' not found"
+    assert p.stderr.strip().splitlines()[-1] == line == refusal(monkeypatch, *args)
+    assert not out.exists()
 
 
 @pytest.mark.parametrize('args, message', [
@@ -133,11 +169,11 @@ def test_replacing_other_data_is_noted(tiny_dir, tmp_path):
     pytest.param(['--device=cuda'], "torch sees no CUDA device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason='needs a machine without CUDA')),
 ])
-def test_bad_input_one_line_and_no_output(tiny_dir, tmp_path, args, message):
+def test_bad_input_one_line_and_no_output(tiny_dir, tmp_path, monkeypatch, args, message):
     out = tmp_path / 'out'
-    p = run_script('datagen.py', 'config/datagen_tiny.py', f'--base_model={tiny_dir["llama"]}',
-                   f'--corpus={tiny_dir["corpus"]}', f'--out_dir={out}', *args, ok=False)
-    assert message in p.stderr.strip().splitlines()[-1]
+    line = refusal(monkeypatch, f'--base_model={tiny_dir["llama"]}', f'--corpus={tiny_dir["corpus"]}',
+                   f'--out_dir={out}', *args)
+    assert message in line
     assert not out.exists() or not [f for f in os.listdir(out) if not f.startswith('teacher_cache')]
 
 
@@ -152,46 +188,44 @@ def test_bad_input_one_line_and_no_output(tiny_dir, tmp_path, args, message):
     ('hf://owner/repo/c.parquet', None, "could not be downloaded"),
 ], ids=['truncated parquet', 'non-string text', 'jsonl not json', 'jsonl no text', 'txt not utf-8', 'folder',
         'malformed hf', 'hf offline'])
-def test_unreadable_corpus_one_line(tiny_dir, tmp_path, name, content, message):
+def test_unreadable_corpus_one_line(tiny_dir, tmp_path, monkeypatch, name, content, message):
+    import huggingface_hub.constants
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')  # read once, when huggingface_hub is imported: so also its constant
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
     corpus = name if name.startswith('hf://') else tmp_path / name
     if content is not None:
         corpus.write_bytes(content)
     elif not name.startswith('hf://'):
         corpus.mkdir()
-    p = run_script('datagen.py', 'config/datagen_tiny.py', f'--base_model={tiny_dir["llama"]}', f'--corpus={corpus}',
-                   f'--out_dir={tmp_path / "out"}', env={'HF_HUB_OFFLINE': '1'}, ok=False)
-    last = p.stderr.strip().splitlines()[-1]
-    assert p.returncode != 0 and last.startswith(f"datagen: corpus '{corpus}") and message in last
+    last = refusal(monkeypatch, f'--base_model={tiny_dir["llama"]}', f'--corpus={corpus}', f'--out_dir={tmp_path / "out"}')
+    assert last.startswith(f"datagen: corpus '{corpus}") and message in last
     assert not (tmp_path / 'out').exists()
 
 
-def test_out_dir_that_is_a_file_fails_first(tiny_dir, tmp_path):
+def test_out_dir_that_is_a_file_fails_first(tiny_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / 'out'
     out.write_text('keep me')
-    p = run_script('datagen.py', 'config/datagen_tiny.py', f'--base_model={tiny_dir["llama"]}',
-                   f'--corpus={tiny_dir["corpus"]}', f'--out_dir={out}', ok=False)
-    assert f"out_dir '{out}' is a file" in p.stderr.strip().splitlines()[-1] and out.read_text() == 'keep me'
-    assert 'documents:' not in p.stderr  # before any work
+    line = refusal(monkeypatch, f'--base_model={tiny_dir["llama"]}', f'--corpus={tiny_dir["corpus"]}', f'--out_dir={out}')
+    assert f"out_dir '{out}' is a file" in line and out.read_text() == 'keep me'
+    assert 'documents:' not in capsys.readouterr().err  # before any work
 
 
-def test_empty_corpus(tiny_dir, tmp_path):
+def test_empty_corpus(tiny_dir, tmp_path, monkeypatch):
     corpus = tmp_path / 'empty.parquet'
     pq.write_table(pa.table({'text': pa.array([], pa.string())}), corpus)
-    p = run_script('datagen.py', 'config/datagen_tiny.py', f'--base_model={tiny_dir["llama"]}', f'--corpus={corpus}',
-                   f'--out_dir={tmp_path / "out"}', ok=False)
-    assert "has no documents" in p.stderr.strip().splitlines()[-1]
+    line = refusal(monkeypatch, f'--base_model={tiny_dir["llama"]}', f'--corpus={corpus}', f'--out_dir={tmp_path / "out"}')
+    assert "has no documents" in line
 
 
-def test_nan_activations_name_the_row(tiny_dir, tmp_path):
+def test_nan_activations_name_the_row(tiny_dir, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(tiny_dir['llama'])
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight[0, 0] = float('nan')
     model.save_pretrained(tmp_path / 'nan_model')
     nla.load_tokenizer(tiny_dir['llama']).save_pretrained(tmp_path / 'nan_model')
-    p = run_script('datagen.py', 'config/datagen_tiny.py', f'--base_model={tmp_path / "nan_model"}',
-                   f'--corpus={tiny_dir["corpus"]}', f'--out_dir={tmp_path / "out"}', ok=False)
-    last = p.stderr.strip().splitlines()[-1]
+    last = refusal(monkeypatch, f'--base_model={tmp_path / "nan_model"}', f'--corpus={tiny_dir["corpus"]}',
+                   f'--out_dir={tmp_path / "out"}')
     assert 'NaN or inf' in last and 'first at row 0' in last and not (tmp_path / 'out' / 'meta.json').exists()
 
 
@@ -226,46 +260,51 @@ def teacher_url():
 
 
 def api_args(tiny_dir, out, url):
-    return ['datagen.py', 'config/datagen_tiny.py', f'--base_model={tiny_dir["llama"]}', f'--corpus={tiny_dir["corpus"]}',
-            f'--out_dir={out}', '--teacher=api', f'--api_base_url={url}', '--max_docs=20', '--api_retries=2']
+    """datagen's arguments after config/datagen_tiny.py for the api teacher; the key is OPENAI_API_KEY (the default api_key_env)."""
+    return [f'--base_model={tiny_dir["llama"]}', f'--corpus={tiny_dir["corpus"]}', f'--out_dir={out}', '--teacher=api',
+            f'--api_base_url={url}', '--max_docs=20', '--api_retries=2']
 
 
-def test_api_teacher_retries_and_caches(tiny_dir, tmp_path, teacher_url):
+def test_api_teacher_retries_and_caches(tiny_dir, tmp_path, teacher_url, monkeypatch, capsys):
+    monkeypatch.setenv('OPENAI_API_KEY', 'test-key')
     args = api_args(tiny_dir, tmp_path / 'out', teacher_url)
-    run_script(*args, env={'OPENAI_API_KEY': 'test-key'})
+    run_datagen(monkeypatch, *args)
     first = FakeTeacher.calls
     rows = read(tmp_path / 'out', 'val')
     assert all(e.startswith('<explanation>ends ') for e in rows['explanation'])
-    p = run_script(*args, env={'OPENAI_API_KEY': 'test-key'})
+    capsys.readouterr()
+    run_datagen(monkeypatch, *args)
     assert FakeTeacher.calls == first  # all from the cache
-    assert 'replaced data' not in p.stderr  # the same data written again
+    assert 'replaced data' not in capsys.readouterr().err  # the same data written again
 
 
-def test_api_key_missing_fails_first_and_leaves_no_folder(tiny_dir, tmp_path):
+def test_api_key_missing_fails_first_and_leaves_no_folder(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv('OPENAI_API_KEY', '')
     out = tmp_path / 'out'
-    p = run_script(*api_args(tiny_dir, out, 'http://127.0.0.1:9/v1'), env={'OPENAI_API_KEY': ''}, ok=False)
-    assert 'OPENAI_API_KEY' in p.stderr.strip().splitlines()[-1] and not out.exists()
+    line = refusal(monkeypatch, *api_args(tiny_dir, out, 'http://127.0.0.1:9/v1'))
+    assert 'OPENAI_API_KEY' in line and not out.exists()
 
 
-def test_api_cache_line_cut_by_a_crash_is_asked_again(tiny_dir, tmp_path, teacher_url):
+def test_api_cache_line_cut_by_a_crash_is_asked_again(tiny_dir, tmp_path, teacher_url, monkeypatch):
+    monkeypatch.setenv('OPENAI_API_KEY', 'test-key')
     args = api_args(tiny_dir, tmp_path / 'out', teacher_url)
-    run_script(*args, env={'OPENAI_API_KEY': 'test-key'})
+    run_datagen(monkeypatch, *args)
     cache = tmp_path / 'out' / 'teacher_cache.jsonl'
     text = cache.read_bytes()
     cache.write_bytes(text[:len(text) - 1 - len(text.splitlines()[-1]) // 2])  # killed halfway through the last line
     calls = FakeTeacher.calls
-    run_script(*args, env={'OPENAI_API_KEY': 'test-key'})
+    run_datagen(monkeypatch, *args)
     assert FakeTeacher.calls == calls + 1
-    run_script(*args, env={'OPENAI_API_KEY': 'test-key'})  # the appended line must not have joined the cut one
+    run_datagen(monkeypatch, *args)  # the appended line must not have joined the cut one
     assert FakeTeacher.calls == calls + 1
 
 
-def test_api_cache_line_that_is_not_json_is_named(tiny_dir, tmp_path, teacher_url):
+def test_api_cache_line_that_is_not_json_is_named(tiny_dir, tmp_path, teacher_url, monkeypatch):
+    monkeypatch.setenv('OPENAI_API_KEY', 'test-key')
     cache = tmp_path / 'out' / 'teacher_cache.jsonl'
     cache.parent.mkdir()
     cache.write_text('{"key": "a", "explanation": "b"}\n{"key": "c", "expl\n{"key": "d", "explanation": "e"}\n')
-    p = run_script(*api_args(tiny_dir, tmp_path / 'out', teacher_url), env={'OPENAI_API_KEY': 'test-key'}, ok=False)
-    last = p.stderr.strip().splitlines()[-1]
+    last = refusal(monkeypatch, *api_args(tiny_dir, tmp_path / 'out', teacher_url))
     assert f"teacher cache '{cache}' line 2 is not a cache entry: delete that line or the file" in last
 
 # -----------------------------------------------------------------------------
