@@ -493,6 +493,8 @@ def read_data_meta(data_dir, base_model, tokenizer):
             meta = json.load(f)
     except ValueError:
         raise ValueError(f"{path} is not JSON (cut short?): run datagen.py again") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} is not a JSON object: run datagen.py again")
     missing = sorted({*IDENTITY, 'base_model', 'vocab_size', 'marker', 'marker_id', 'alpha', 'data_id'} - meta.keys())
     if missing:
         raise ValueError(f"{path} has no {', '.join(missing)}: it was written by another or an older datagen.py; run it again")

@@ -506,7 +506,7 @@ def save_checkpoint(run):
         nla.save_weights(os.path.join(out_dir, 'ar.safetensors'), nla.trainable_state(run.ar),
                          {**run.ar_meta, **meta, 'ar_max_tokens': ar_max_tokens})
     ckpt = {'step': run.step, 'cursor': run.cursor, 'bad_steps': run.bad_steps, 'skipped': run.skipped, 'config': run.config,
-            'data_id': run.meta['data_id'], 'av_frozen': run.av_frozen,
+            'data_id': run.meta['data_id'], 'av_frozen': run.av_frozen, 'lora': lora_settings(run),
             'av': None if run.av_opt is None else nla.trainable_state(run.av),
             'ar': None if run.ar_opt is None else nla.trainable_state(run.ar),
             'av_opt': None if run.av_opt is None else run.av_opt.state_dict(),
@@ -518,8 +518,14 @@ def save_checkpoint(run):
     os.replace(path + '.tmp', path)
 
 
+def lora_settings(run):
+    """How the adapters were built (from the config, or from an init's metadata): a resume must build them alike."""
+    return {'av': [run.av_meta.get(k) for k in ('lora_rank', 'lora_alpha', 'rslora')],
+            'ar': [run.ar_meta.get(k) for k in ('ar_lora_rank', 'lora_alpha', 'rslora')]}
+
+
 # what a resumed run may change: when it stops, how often it reports, how it fits the machine, and where its folders
-# are (the data is checked by its data_id, init_av by its frozen adapters; the checkpoint restores the rest of both inits)
+# are (the data is checked by its data_id, the inits by their adapters' settings and init_av by its frozen adapters)
 RESUMABLE = ('resume', 'out_dir', 'data_dir', 'init_av', 'init_ar', 'context_ar', 'max_steps', 'eval_interval',
              'eval_examples', 'ckpt_interval', 'log_interval', 'wandb_log', 'wandb_project', 'wandb_run_name', 'device',
              'micro_batch', 'gradient_checkpointing', 'gen_cache', 'vllm_gpu_memory')
@@ -531,7 +537,7 @@ def load_checkpoint(run):
         ckpt = torch.load(path, map_location='cpu', weights_only=False)
     except (RuntimeError, EOFError, pickle.UnpicklingError):
         fail(f"{path} cannot be read (cut short by a crash?): resume from a copy, or start again")
-    if {'data_id', 'av_frozen'} - ckpt.keys():
+    if {'data_id', 'av_frozen', 'lora'} - ckpt.keys():
         fail(f"{path} was written by an older train.py, which did not record its data and init: start the run again")
     if ckpt['data_id'] != run.meta['data_id']:
         fail(f"{path} was made on data {ckpt['data_id']}, but {data_dir} now holds data {run.meta['data_id']} "
@@ -540,6 +546,9 @@ def load_checkpoint(run):
                                                                for a, b in zip(ckpt['av_frozen'], run.av_frozen)):
         fail(f"{path}: the adapters of init_av={init_av} (frozen under the live one, the KL reference in rl) "
              "are not those the run started from (trained again?): resume from the same init_av, or start again")
+    if ckpt['lora'] != lora_settings(run):
+        fail(f"{path}: its adapters were built with {ckpt['lora']} (rank, alpha, rslora), the inits given now build "
+             f"{lora_settings(run)}: resume with the init_av and init_ar the run started from")
     saved = ckpt['config']
     changed = sorted(k for k in set(saved) | set(run.config) if k not in RESUMABLE and saved.get(k) != run.config.get(k))
     if changed:

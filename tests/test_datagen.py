@@ -325,6 +325,7 @@ def test_data_id_is_a_hash_of_the_splits_and_meta(tmp_path):
 
 @pytest.mark.parametrize('meta_edit, message', [
     (lambda m: json.dumps(m)[:40], 'is not JSON (cut short?)'),
+    (lambda m: json.dumps([m]), 'is not a JSON object'),
     (lambda m: json.dumps({k: v for k, v in m.items() if k != 'alpha'}), 'has no alpha'),
     (lambda m: json.dumps({k: v for k, v in m.items() if k != 'data_id'}), 'has no data_id: it was written by another or an older'),
     (lambda m: json.dumps({**m, 'alpha': float('nan')}), 'alpha must be a finite number > 0'),

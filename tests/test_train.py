@@ -128,6 +128,16 @@ def test_resume_refuses_an_init_av_trained_again(tiny_dir, tiny_data, sft_runs, 
     assert 'are not those the run started from' in p.stderr.strip().splitlines()[-1]
 
 
+def test_resume_refuses_inits_that_build_other_adapters(tiny_dir, tiny_data, sft_runs, tmp_path):
+    """An sft_av begun with fresh adapters (config/tiny.py: rank 8, alpha 16) resumed with an init_av of alpha 32
+    would load its adapters at another scale."""
+    args = [*base_args(tiny_dir, tiny_data), '--stage=sft_av', f'--out_dir={tmp_path / "run"}', '--eval_interval=100']
+    run_script('train.py', *args, '--max_steps=1')
+    av = edited_weights(sft_runs['av'], 'av.safetensors', tmp_path / 'av', {'lora_alpha': 32.0})
+    p = run_script('train.py', *args, '--max_steps=2', '--resume=True', f'--init_av={av}', ok=False)
+    assert 'its adapters were built with' in p.stderr.strip().splitlines()[-1]
+
+
 def test_init_trained_on_other_data_is_noted(tiny_data, sft_runs, monkeypatch, capsys):
     """Its val rows may have been the init's training rows: said, not refused (evaluating on other data is allowed)."""
     monkeypatch.setattr(train, 'data_dir', tiny_data)
