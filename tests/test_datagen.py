@@ -5,7 +5,6 @@ import os
 import re
 import threading
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
