@@ -274,6 +274,14 @@ def test_equal_rewards_get_exactly_zero_advantage():
     assert train.advantages(rewards, 4).tolist() == [0.0] * 12
 
 
+def test_a_cosine_reward_gives_the_same_advantages():
+    """README: advantages ignore a positive affine map of the reward, and -mse = 2 cos - 2, so cosine trains alike."""
+    preds, acts = torch.randn(12, 64), torch.randn(12, 64)
+    cos = torch.nn.functional.cosine_similarity(preds, acts)
+    torch.testing.assert_close(nla.reward(preds, acts), 2 * cos - 2)
+    torch.testing.assert_close(train.advantages(cos, 4), train.advantages(nla.reward(preds, acts), 4), atol=1e-4, rtol=0)
+
+
 def test_policy_loss_by_hand():
     logp = torch.tensor([[-1.0, -2.0, -9.0], [-0.5, -0.5, -0.5]])
     ref = torch.tensor([[-1.5, -2.0, 0.0], [-0.5, -1.0, 0.0]])
