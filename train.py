@@ -801,10 +801,7 @@ def check_config():
         fail("dtype='float16' needs loss scaling, which this trainer does not do: use 'bfloat16' or 'float32'")
     if stage == 'rl' and group_size < 2:
         fail(f"group_size={group_size}: GRPO compares rollouts within a group, so it needs at least 2")
-    try:
-        nla.resolve_device(device)
-    except ValueError as e:
-        fail(str(e))
+    checked(nla.resolve_device, device)
     for name in ('batch_size', 'micro_batch', 'batch_prompts', 'group_size', 'max_new_tokens', 'gen_batch_size', 'epochs',
                  'eval_interval', 'eval_rows', 'ckpt_interval', 'log_interval', 'max_bad_steps', 'ar_max_tokens', 'lora_rank'):
         if globals()[name] < 1:
