@@ -205,10 +205,6 @@ def api_explanations(contexts, cache_path):
 
 
 def main(config):
-    try:
-        run_device = nla.resolve_device(device)
-    except ValueError as e:
-        fail(str(e))
     if set(splits) != set(nla.SPLITS) or min(splits.values()) < 0 or abs(sum(splits.values()) - 1) > 1e-6:
         fail(f"splits must give fractions of {nla.SPLITS} summing to 1, got {splits}")
     for name, low in (('batch_size', 1), ('positions_per_doc', 1), ('max_docs', 0), ('min_position', 0),
@@ -223,7 +219,8 @@ def main(config):
         fail(f"teacher must be 'context' or 'api', got '{teacher}'")
     if teacher == 'api' and not os.environ.get(api_key_env):
         fail(f"teacher='api' needs the key in the environment variable {api_key_env}, which is not set")
-    try:  # a missing model, a bad marker or layer fails here, before the corpus is read
+    try:  # a bad device, a missing model, a bad marker or layer fails here, before the corpus is read
+        run_device = nla.resolve_device(device)
         tokenizer = nla.load_tokenizer(base_model)
         signature = nla.model_signature(base_model)
         prompt_ids, marker_pos = nla.av_prompt(tokenizer, marker)
