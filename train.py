@@ -787,7 +787,7 @@ def eval_stage(run):
 
 
 def check_config():
-    """Derived sizes and settings, checked once before any work."""
+    """Derived sizes and settings, checked once before any work. Returns the device to run on."""
     for name, allowed in (('stage', ('sft_av', 'sft_ar', 'rl', 'eval')), ('gen_cache', ('dynamic', 'static')),
                           ('rollout', ('hf', 'vllm')), ('ar_input', ('explanation', 'context')), ('dtype', tuple(nla.DTYPES))):
         if globals()[name] not in allowed:
@@ -801,7 +801,7 @@ def check_config():
         fail("dtype='float16' needs loss scaling, which this trainer does not do: use 'bfloat16' or 'float32'")
     if stage == 'rl' and group_size < 2:
         fail(f"group_size={group_size}: GRPO compares rollouts within a group, so it needs at least 2")
-    checked(nla.resolve_device, device)
+    run_device = checked(nla.resolve_device, device)
     for name in ('batch_size', 'micro_batch', 'batch_prompts', 'group_size', 'max_new_tokens', 'gen_batch_size', 'epochs',
                  'eval_interval', 'eval_rows', 'ckpt_interval', 'log_interval', 'max_bad_steps', 'ar_max_tokens', 'lora_rank'):
         if globals()[name] < 1:
@@ -832,11 +832,11 @@ def check_config():
     if not resume and os.path.exists(os.path.join(out_dir, 'log.jsonl')):
         fail(f"{out_dir} holds the log.jsonl of an eval or of a run that died before its first checkpoint: "
              "delete it or choose another out_dir")
+    return run_device
 
 
 def main(config):
-    check_config()
-    dev = nla.resolve_device(device)
+    dev = check_config()
     if ddp:
         dev = f"cuda:{ddp_local_rank}" if dev.startswith('cuda') else 'cpu'
         if dev.startswith('cuda'):
