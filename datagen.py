@@ -6,8 +6,8 @@ Corpus -> activations, warm-start explanations and document-disjoint splits.
 
 For each document, `positions_per_doc` token positions at or after `min_position` are drawn from a
 per-document seeded RNG. The activation is the output of block `layer` there (the forward stops after
-that block), and the context is the decoded prefix through that token. Documents, never rows, are
-split into av_sft / ar_sft / rl / val. Writes out_dir/{av_sft,ar_sft,rl,val}.parquet and
+that block), and the context is the decoded prefix through that token. Documents (repeated texts
+dropped), never rows, are split into av_sft / ar_sft / rl / val. Writes out_dir/{av_sft,ar_sft,rl,val}.parquet and
 out_dir/meta.json, all at the end and atomically: a crash or bad input leaves nothing half-written.
 """
 import hashlib
@@ -228,7 +228,10 @@ def main(config):
     except ValueError as e:
         fail(str(e))
     d_model = signature['d_model']
-    docs = read_corpus(corpus)[:max_docs or None]
+    corpus_docs = read_corpus(corpus)
+    docs = list(dict.fromkeys(corpus_docs))  # a repeated text is one document: in two splits it would leak
+    repeats = len(corpus_docs) - len(docs)
+    docs = docs[:max_docs or None]
 
     # positions per document; short documents are skipped and counted
     special = set(tokenizer.all_special_ids)
@@ -241,7 +244,8 @@ def main(config):
             doc_positions.append(positions)
             kept.append(doc_id)
     skipped = len(docs) - len(kept)
-    print(f"{len(docs)} documents: {len(kept)} used, {skipped} skipped as shorter than min_position={min_position} tokens",
+    print(f"{len(docs)} documents ({repeats} repeats of earlier texts dropped from the corpus): {len(kept)} used, "
+          f"{skipped} skipped as shorter than min_position={min_position} tokens",
           file=sys.stderr)
 
     # documents, never rows, are split
@@ -295,7 +299,7 @@ def main(config):
         'norm_quantiles': quantiles, 'teacher': teacher,
         'av_prompt': nla.AV_USER, 'ar_prompt': nla.AR_TEMPLATE,
         'rows': counts, 'docs': {s: sum(v == s for v in doc_split.values()) for s in nla.SPLITS},
-        'docs_skipped': skipped, 'config': config,
+        'docs_skipped': skipped, 'docs_repeated': repeats, 'config': config,
     }
     try:  # the data this replaces, to say so
         with open(os.path.join(out_dir, 'meta.json')) as f:

@@ -118,10 +118,21 @@ def test_positions_are_deterministic_per_document():
 
 def test_short_documents_are_skipped_and_counted(tiny_dir, tmp_path, monkeypatch):
     corpus = tmp_path / 'c.jsonl'
-    docs = synthetic_docs(30) + ['too short.'] * 3
+    docs = synthetic_docs(30) + ['too short.', 'short too.', 'also short.']
     corpus.write_text(''.join(json.dumps({'text': d}) + '\n' for d in docs))
     run_datagen(monkeypatch, f'--base_model={tiny_dir["llama"]}', f'--corpus={corpus}', f'--out_dir={tmp_path / "out"}')
     assert json.load(open(tmp_path / 'out' / 'meta.json'))['docs_skipped'] == 3
+
+
+def test_repeated_texts_are_one_document(tiny_dir, tmp_path, monkeypatch):
+    corpus = tmp_path / 'c.jsonl'
+    docs = synthetic_docs(30)
+    corpus.write_text(''.join(json.dumps({'text': d}) + '\n' for d in docs + docs[:6]))
+    run_datagen(monkeypatch, f'--base_model={tiny_dir["llama"]}', f'--corpus={corpus}', f'--out_dir={tmp_path / "out"}')
+    meta = json.load(open(tmp_path / 'out' / 'meta.json'))
+    assert meta['docs_repeated'] == 6 and sum(meta['docs'].values()) == 30
+    starts = [{c[:40] for c in read(tmp_path / 'out', s)['context']} for s in nla.SPLITS]  # the document's first words
+    assert sum(map(len, starts)) == len(set().union(*starts)) == 30
 
 
 def test_txt_corpus(tiny_dir, tmp_path, monkeypatch):
