@@ -502,11 +502,11 @@ def read_data_meta(data_dir, base_model, tokenizer):
         raise ValueError(f"{path}: alpha must be a finite number > 0, got {meta['alpha']}")
     signature = model_signature(base_model)
     problems = [f"{k} {meta[k]!r} vs the model's {v!r}" for k, v in signature.items() if meta[k] != v]
-    if not 0 <= meta['layer'] < signature['n_layers']:
-        problems.append(f"layer {meta['layer']} vs the model's {signature['n_layers']} blocks")
+    if not isinstance(meta['layer'], int) or not 0 <= meta['layer'] < signature['n_layers']:
+        problems.append(f"layer {meta['layer']!r} vs the model's {signature['n_layers']} blocks")
     if meta['vocab_size'] != len(tokenizer):
         problems.append(f"vocab size {meta['vocab_size']} vs the tokenizer's {len(tokenizer)}")
-    if tokenizer.encode(meta['marker'], add_special_tokens=False) != [meta['marker_id']]:
+    if not isinstance(meta['marker'], str) or tokenizer.encode(meta['marker'], add_special_tokens=False) != [meta['marker_id']]:
         problems.append(f"marker {meta['marker']!r} is not token {meta['marker_id']} in this tokenizer")
     if problems:
         raise ValueError(f"data {data_dir} was made for {meta['base_model']}, not {base_model}: " + "; ".join(problems))
@@ -527,6 +527,9 @@ def read_split(data_dir, split, d_model):
     acts = table.column('activation').combine_chunks()
     if getattr(acts.type, 'list_size', None) != d_model:
         raise ValueError(f"{path}: activations must be fixed-size lists of meta.json's d_model {d_model}, got {acts.type}")
+    nulls = [c for c in table.column_names if table.column(c).null_count]
+    if nulls:  # flatten() would skip a null activation and pair every later row with the wrong text
+        raise ValueError(f"{path}: column {nulls[0]} has {table.column(nulls[0]).null_count} empty (null) rows")
     acts = torch.from_numpy(acts.flatten().to_numpy().reshape(-1, d_model).copy())
     bad = torch.nonzero(~torch.isfinite(acts).all(1) | (acts == 0).all(1)).flatten()
     if len(bad):

@@ -50,6 +50,14 @@ def parquet_bytes(table):
     return sink.getvalue().to_pybytes()
 
 
+def null_first(column):
+    """An edit of a split that makes its first row's `column` null, as a hand-edited or foreign file may have it."""
+    def edit(table):
+        values = [None] + table.column(column).to_pylist()[1:]
+        return table.set_column(table.column_names.index(column), column, pa.array(values, table.schema.field(column).type))
+    return edit
+
+
 def test_writes_four_splits_and_meta(tiny_data, tiny_dir):
     meta = json.load(open(os.path.join(tiny_data, 'meta.json')))
     for key in ('base_model', 'layer', 'd_model', 'marker', 'marker_id', 'alpha', 'norm_quantiles', 'teacher',
@@ -343,6 +351,8 @@ def test_data_id_is_a_hash_of_the_splits_and_meta(tmp_path):
     (lambda m: json.dumps({**m, 'd_model': 32}), "d_model 32 vs the model's 64"),
     (lambda m: json.dumps({**m, 'model_type': 'qwen3'}), "model_type 'qwen3' vs the model's 'llama'"),
     (lambda m: json.dumps({**m, 'layer': 9}), "layer 9 vs the model's 4 blocks"),
+    (lambda m: json.dumps({**m, 'layer': '1'}), "layer '1' vs the model's 4 blocks"),
+    (lambda m: json.dumps({**m, 'marker': 7}), 'marker 7 is not token'),
     (lambda m: json.dumps({**m, 'marker_id': 5}), 'is not token 5 in this tokenizer'),
 ])
 def test_read_data_meta_refuses(tiny_dir, tiny_data, tmp_path, meta_edit, message):
@@ -356,6 +366,8 @@ def test_read_data_meta_refuses(tiny_dir, tiny_data, tmp_path, meta_edit, messag
     (lambda t: t.slice(0, 0), 'has no rows'),
     (lambda t: t.drop_columns(['explanation']), 'is not a split written by datagen.py'),
     (zero_first_activation, 'row 0 has a NaN, inf or all-zero activation'),
+    (null_first('activation'), 'column activation has 1 empty (null) rows'),
+    (null_first('context'), 'column context has 1 empty (null) rows'),
 ])
 def test_read_split_refuses(tiny_data, tmp_path, val, message):
     data = broken_copy(tiny_data, tmp_path, val=val)
