@@ -250,7 +250,8 @@ def main(config):
 
     # documents, never rows, are split
     order = np.random.default_rng(seed).permutation(len(kept))
-    bounds = np.round(np.cumsum([0] + [splits[s] for s in nla.SPLITS]) * len(kept)).astype(int)
+    ends = np.cumsum([0] + [splits[s] for s in nla.SPLITS])
+    bounds = np.round(ends / ends[-1] * len(kept)).astype(int)  # fractions summing to 1 - 1e-7 still place every document
     doc_split = {}
     for s, lo, hi in zip(nla.SPLITS, bounds[:-1], bounds[1:]):
         if splits[s] > 0 and hi == lo:

@@ -17,6 +17,7 @@ import math
 import os
 import re
 import shutil
+import tempfile
 from contextlib import contextmanager
 
 import numpy as np
@@ -462,8 +463,7 @@ def write_data(out_dir, tables, meta):
     temporary folder first, then is renamed into place, meta.json last and after the old one is gone: readers never
     see new parquets described by an old meta. Returns the data_id."""
     os.makedirs(out_dir, exist_ok=True)
-    tmp = os.path.join(out_dir, f".tmp-{os.getpid()}")
-    os.makedirs(tmp)
+    tmp = tempfile.mkdtemp(prefix='.tmp-', dir=out_dir)  # a unique name: one a killed run left behind is no obstacle
     try:
         digest = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != 'config'}, sort_keys=True).encode())
         for split, table in tables.items():

@@ -341,6 +341,12 @@ def test_data_id_is_a_hash_of_the_splits_and_meta(tmp_path):
     assert ids[0] == ids[1] and len({ids[0], ids[2], ids[3]}) == 3
 
 
+def test_write_data_is_not_stopped_by_a_killed_runs_temporary_folder(tmp_path):
+    (tmp_path / 'out' / f'.tmp-{os.getpid()}').mkdir(parents=True)  # what a killed run with this pid left behind
+    nla.write_data(str(tmp_path / 'out'), {'val': pa.table({'x': [1.0]})}, {'config': {}})
+    assert (tmp_path / 'out' / 'meta.json').is_file() and (tmp_path / 'out' / 'val.parquet').is_file()
+
+
 @pytest.mark.parametrize('meta_edit, message', [
     (lambda m: json.dumps(m)[:40], 'is not JSON (cut short?)'),
     (lambda m: json.dumps([m]), 'is not a JSON object'),
