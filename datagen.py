@@ -6,9 +6,10 @@ Corpus -> activations, warm-start explanations and document-disjoint splits.
 
 For each document, `positions_per_doc` token positions at or after `min_position` are drawn from a
 per-document seeded RNG. The activation is the output of block `layer` there (the forward stops after
-that block), and the context is the decoded prefix through that token. Documents (repeated texts
-dropped), never rows, are split into av_sft / ar_sft / rl / val. Writes out_dir/{av_sft,ar_sft,rl,val}.parquet and
-out_dir/meta.json, all at the end and atomically: a crash or bad input leaves nothing half-written.
+that block), and the context is the decoded prefix through that token. Documents (a repeated text
+is dropped), never rows, are split into av_sft / ar_sft / rl / val. Writes
+out_dir/{av_sft,ar_sft,rl,val}.parquet and out_dir/meta.json, all at the end and atomically: a crash
+or bad input leaves nothing half-written.
 """
 import hashlib
 import json
@@ -251,7 +252,7 @@ def main(config):
     # documents, never rows, are split
     order = np.random.default_rng(seed).permutation(len(kept))
     ends = np.cumsum([0] + [splits[s] for s in nla.SPLITS])
-    bounds = np.round(ends / ends[-1] * len(kept)).astype(int)  # fractions summing to 1 - 1e-7 still place every document
+    bounds = np.round(ends / ends[-1] * len(kept)).astype(int)  # fractions within 1e-6 of 1 still place every document
     doc_split = {}
     for s, lo, hi in zip(nla.SPLITS, bounds[:-1], bounds[1:]):
         if splits[s] > 0 and hi == lo:
