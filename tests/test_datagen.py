@@ -124,20 +124,22 @@ def test_positions_are_deterministic_per_document():
     assert a != draw_positions(ids, {0, 55}, 4, 1, 5, 50)
 
 
-def test_short_documents_are_skipped_and_counted(tiny_dir, tmp_path, monkeypatch):
+def run_on_jsonl(monkeypatch, tiny_dir, tmp_path, docs):
+    """datagen with the tiny Llama on a .jsonl corpus of these documents, into tmp_path/out; its meta.json."""
     corpus = tmp_path / 'c.jsonl'
-    docs = synthetic_docs(30) + ['too short.', 'short too.', 'also short.']
     corpus.write_text(''.join(json.dumps({'text': d}) + '\n' for d in docs))
     run_datagen(monkeypatch, f'--base_model={tiny_dir["llama"]}', f'--corpus={corpus}', f'--out_dir={tmp_path / "out"}')
-    assert json.load(open(tmp_path / 'out' / 'meta.json'))['docs_skipped'] == 3
+    return json.load(open(tmp_path / 'out' / 'meta.json'))
+
+
+def test_short_documents_are_skipped_and_counted(tiny_dir, tmp_path, monkeypatch):
+    docs = synthetic_docs(30) + ['too short.', 'short too.', 'also short.']
+    assert run_on_jsonl(monkeypatch, tiny_dir, tmp_path, docs)['docs_skipped'] == 3
 
 
 def test_repeated_texts_are_one_document(tiny_dir, tmp_path, monkeypatch):
-    corpus = tmp_path / 'c.jsonl'
     docs = synthetic_docs(30)
-    corpus.write_text(''.join(json.dumps({'text': d}) + '\n' for d in docs + docs[:6]))
-    run_datagen(monkeypatch, f'--base_model={tiny_dir["llama"]}', f'--corpus={corpus}', f'--out_dir={tmp_path / "out"}')
-    meta = json.load(open(tmp_path / 'out' / 'meta.json'))
+    meta = run_on_jsonl(monkeypatch, tiny_dir, tmp_path, docs + docs[:6])
     assert meta['docs_repeated'] == 6 and sum(meta['docs'].values()) == 30
     starts = [{c[:40] for c in read(tmp_path / 'out', s)['context']} for s in nla.SPLITS]  # the document's first words
     assert sum(map(len, starts)) == len(set().union(*starts)) == 30
