@@ -16,6 +16,7 @@ to the SFT verbalizer, whose LoRA is frozen beside the base weights at the start
 is trained on top), so "adapter off" is the reference. Data parallelism is by hand: every rank holds
 both models, takes a slice of each batch, and sums gradients in flat buckets before clipping.
 """
+import importlib.util
 import json
 import logging
 import math
@@ -621,7 +622,7 @@ def run_loop(run, total, update, evaluate_fn):
                 fail(f"{run.bad_steps} steps in a row had a non-finite loss or gradient (last at step {step}); stopping")
         eta = (time.time() - t_start) / (run.step - start) * (total - run.step)
         record = {'stage': stage, 'step': run.step, **record, 'skipped': run.skipped, 'dt': time.time() - t0}
-        if step % log_interval == 0 or run.step == total:
+        if run.step % log_interval == 0 or run.step == total:
             print0(f"step {run.step:05d}/{total:05d} | {fmt(record)} | eta {eta / 60:.1f}m")
             log(run, record)
 
@@ -797,6 +798,10 @@ def check_config():
     if rollout == 'vllm' and not ddp and device not in ('auto', 'cpu', 'cuda', 'cuda:0'):
         fail(f"rollout='vllm' in one process runs its engine on cuda:0, so device='{device}' would split the run: "
              "choose the GPU with CUDA_VISIBLE_DEVICES instead")
+    if rollout == 'vllm' and stage in ('rl', 'eval') and importlib.util.find_spec('vllm') is None:
+        fail(f"rollout='vllm' needs vLLM, which is not installed: pip install vllm=={VLLM_VERSION}")
+    if wandb_log and importlib.util.find_spec('wandb') is None:
+        fail("wandb_log=True needs wandb, which is not installed: pip install wandb")
     if dtype == 'float16' and stage != 'eval':
         fail("dtype='float16' needs loss scaling, which this trainer does not do: use 'bfloat16' or 'float32'")
     if stage == 'rl' and group_size < 2:
@@ -807,12 +812,14 @@ def check_config():
         if globals()[name] < 1:
             fail(f"{name} must be at least 1, got {globals()[name]}")
     for name in ('max_steps', 'warmup_steps', 'lr', 'ar_lr', 'weight_decay', 'ar_lora_rank', 'eval_examples',
-                 'length_penalty', 'kl_coef'):
+                 'length_penalty', 'length_slack', 'kl_coef'):
         if globals()[name] < 0:
             fail(f"{name} must not be negative, got {globals()[name]}")
-    for name in ('grad_clip', 'max_logprob_diff'):
+    for name in ('grad_clip', 'max_logprob_diff', 'logratio_clamp'):
         if globals()[name] <= 0:
             fail(f"{name} must be positive, got {globals()[name]}")
+    if not 0 <= seed < 2**32:  # numpy's seeds
+        fail(f"seed must be in [0, 2**32), got {seed}")
     if not 0 < vllm_gpu_memory <= 1 or not 0 <= min_lr_frac <= 1:
         fail(f"vllm_gpu_memory must be in (0, 1] and min_lr_frac in [0, 1], got {vllm_gpu_memory} and {min_lr_frac}")
     for name, value in (('batch_size', batch_size), ('batch_prompts', batch_prompts)):

@@ -1,9 +1,11 @@
 """train.py: the stages end to end on the tiny model, the GRPO arithmetic, resume and refusals."""
+import importlib.util
 import json
 import math
 import os
 import shutil
 import statistics
+import types
 
 import pytest
 import torch
@@ -379,6 +381,9 @@ def test_eval_shards_are_equal_and_contiguous(monkeypatch):
     ({'grad_clip': 0.0}, 'grad_clip must be positive'),
     ({'min_lr_frac': 1.5}, 'min_lr_frac in'),
     ({'resume': True}, 'resume=True but'),
+    ({'seed': -1}, 'seed must be in'),
+    ({'logratio_clamp': 0.0}, 'logratio_clamp must be positive'),
+    ({'length_slack': -1}, 'length_slack must not be negative'),
 ])
 def test_check_config_refusals(monkeypatch, tmp_path, settings, message):
     monkeypatch.setattr(train, 'out_dir', str(tmp_path))
@@ -386,6 +391,29 @@ def test_check_config_refusals(monkeypatch, tmp_path, settings, message):
         monkeypatch.setattr(train, k, v)
     with pytest.raises(SystemExit, match=message):
         train.check_config()
+
+
+def test_missing_optional_packages_are_named_before_any_work(monkeypatch, tmp_path):
+    monkeypatch.setattr(train, 'out_dir', str(tmp_path))
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name: None)
+    for settings, message in (({'rollout': 'vllm', 'stage': 'eval', 'init_av': 'a', 'init_ar': 'b'}, 'pip install vllm==0.26.0'),
+                              ({'wandb_log': True}, 'pip install wandb')):
+        with monkeypatch.context() as m:
+            for k, v in settings.items():
+                m.setattr(train, k, v)
+            with pytest.raises(SystemExit, match=message):
+                train.check_config()
+
+
+def test_log_interval_logs_the_steps_it_names(monkeypatch):
+    """--log_interval=2 over 5 steps logs steps 2 and 4, and the last."""
+    logged = []
+    monkeypatch.setattr(train, 'log_interval', 2)
+    monkeypatch.setattr(train, 'save_checkpoint', lambda run: None)
+    monkeypatch.setattr(train, 'log', lambda run, record: logged.append((record['stage'], record['step'])))
+    run = types.SimpleNamespace(step=0, bad_steps=0, skipped=0)
+    train.run_loop(run, 5, lambda step: {'ok': True}, lambda step: ({'stage': 'eval', 'step': step}, []))
+    assert [s for stage, s in logged if stage != 'eval'] == [2, 4, 5]
 
 
 def test_response_mask_keeps_the_end_token_and_ignores_what_follows():
