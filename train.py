@@ -555,6 +555,8 @@ def load_checkpoint(run):
     if changed:
         fail(f"{path} was made with {', '.join(f'{k}={saved.get(k)!r}' for k in changed)}: "
              f"resume with the same settings (only {', '.join(RESUMABLE[1:])} may change)")
+    if ckpt['step'] > run.total:
+        fail(f"{path} is at step {ckpt['step']}, past this run's last step, {run.total}: resume with a larger max_steps")
     for model, opt, key in ((run.av, run.av_opt, 'av'), (run.ar, run.ar_opt, 'ar')):
         if opt is not None:
             checked(nla.load_trainable, model, ckpt[key], path)
@@ -564,7 +566,7 @@ def load_checkpoint(run):
     np.random.set_state(ckpt['rng']['numpy'])
     random.setstate(ckpt['rng']['python'])
     if ckpt['rng']['cuda'] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt['rng']['cuda'])
+        torch.cuda.set_rng_state_all(ckpt['rng']['cuda'][:torch.cuda.device_count()])  # saved where torchrun showed more GPUs?
     log_path = os.path.join(out_dir, 'log.jsonl')
     if master_process and os.path.isfile(log_path):  # steps logged after the checkpoint are run and logged again
         with open(log_path) as f:
@@ -882,6 +884,10 @@ def main(config):
         run.ar, run.ar_meta = build_ar(init_ar, meta, ar_input if stage == 'sft_ar' else 'explanation', dev)
         if stage != 'eval':
             run.ar_opt = torch.optim.AdamW(trainable(run.ar), lr=ar_lr, weight_decay=weight_decay)
+    steps = run.av_meta.get('step'), run.ar_meta.get('step')
+    if stage in ('rl', 'eval') and os.path.samefile(init_av, init_ar) and steps[0] != steps[1]:
+        fail(f"{init_av} holds av.safetensors of step {steps[0]} and ar.safetensors of step {steps[1]} "
+             "(a crash between their writes?): resume that run, which writes both again")
     if context_ar and stage in ('rl', 'eval'):  # the context ceiling: an sft_ar run with ar_input='context'
         run.ctx_ar, run.ctx_meta = build_ar(context_ar, meta, 'context', dev)
     if stage in ('rl', 'eval'):  # the engine starts last, once every model has loaded

@@ -82,6 +82,10 @@ def test_resume_ends_in_the_same_state(tiny_dir, tiny_data, sft_runs, tmp_path):
     p = run_script('train.py', *common, f'--out_dir={tmp_path / "b"}', '--max_steps=6', '--resume=True', '--kl_coef=0.5',
                    ok=False)
     assert 'kl_coef' in p.stderr.strip().splitlines()[-1]
+    config = (tmp_path / 'b' / 'config.json').read_text()
+    p = run_script('train.py', *common, f'--out_dir={tmp_path / "b"}', '--max_steps=3', '--resume=True', ok=False)
+    assert "past this run's last step, 3" in p.stderr.strip().splitlines()[-1]
+    assert (tmp_path / 'b' / 'config.json').read_text() == config
 
 
 def rl_steps(tiny_dir, root, steps, *args, ok=True):
@@ -205,6 +209,15 @@ def test_refuses_weights_that_do_not_fit_the_model(tiny_dir, tiny_data, sft_runs
 def test_eval_refuses_a_context_ar_as_its_ar(tiny_dir, tiny_data, sft_runs, tmp_path):
     last = eval_fails(tiny_dir, tiny_data, tmp_path, sft_runs['av'], sft_runs['ar_context'])
     assert "ar_input='context', used here where one of ar_input='explanation' is needed" in last
+
+
+def test_refuses_an_av_and_an_ar_of_other_steps_in_one_folder(tiny_dir, tiny_data, sft_runs, tmp_path):
+    """A crash between a checkpoint's two weight writes leaves them a step apart; an eval would pair them silently."""
+    both = edited_weights(sft_runs['av'], 'av.safetensors', tmp_path / 'both')
+    step = nla.read_meta(str(both / 'av.safetensors'))['step']
+    shutil.copy(edited_weights(sft_runs['ar'], 'ar.safetensors', tmp_path / 'ar', {'step': step + 1}) / 'ar.safetensors', both)
+    assert f'holds av.safetensors of step {step} and ar.safetensors of step {step + 1}' in \
+        eval_fails(tiny_dir, tiny_data, tmp_path, both, both)
 
 
 def test_refuses_another_runs_out_dir(tiny_dir, tiny_data, sft_runs):
