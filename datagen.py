@@ -2,7 +2,7 @@
 Corpus -> activations, warm-start explanations and document-disjoint splits.
 
     python datagen.py config/datagen_smollm2.py
-    python datagen.py config/datagen_tiny.py --device=cpu
+    python datagen.py config/datagen_tiny.py --base_model=DIR --corpus=FILE
 
 For each document, `positions_per_doc` token positions at or after `min_position` are drawn from a
 per-document seeded RNG. The activation is the output of block `layer` there (the forward stops after
