@@ -67,8 +67,9 @@ def make_model(path, family, tok, layers=4, **config):
         model = LlamaForCausalLM(LlamaConfig(**common))
     elif family == 'qwen3':
         model = Qwen3ForCausalLM(Qwen3Config(**{'head_dim': 16, **common}))
-    else:  # sliding-window layers: the AR's truncated config must keep them right
-        model = Gemma3ForCausalLM(Gemma3TextConfig(head_dim=16, sliding_window=8, **common))
+    else:  # full and sliding-window layers: the AR's truncated config must keep them in order
+        layer_types = ['full_attention'] + ['sliding_attention'] * (layers - 1)
+        model = Gemma3ForCausalLM(Gemma3TextConfig(head_dim=16, sliding_window=8, layer_types=layer_types, **common))
     with torch.no_grad():  # a random head (tied to the embedding) is too small for confident logits: LoRA could not learn a format
         model.get_input_embeddings().weight.mul_(10)
     model.generation_config.eos_token_id = tok.eos_token_id

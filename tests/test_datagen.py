@@ -120,8 +120,14 @@ def test_positions_are_deterministic_per_document():
     from datagen import draw_positions
     ids = list(range(100))
     a = draw_positions(ids, {0, 55}, doc_id=3, seed=1, positions_per_doc=5, min_position=50)
-    assert a == draw_positions(ids, {0, 55}, 3, 1, 5, 50) and 55 not in a and min(a) >= 50
+    assert a == draw_positions(ids, {0, 55}, 3, 1, 5, 50) and min(a) >= 50
     assert a != draw_positions(ids, {0, 55}, 4, 1, 5, 50)
+
+
+def test_positions_skip_special_tokens():
+    from datagen import draw_positions
+    special = set(range(50, 97))  # of the positions >= 50, only 97, 98 and 99 hold ordinary tokens
+    assert draw_positions(list(range(100)), special, doc_id=3, seed=1, positions_per_doc=5, min_position=50) == [97, 98, 99]
 
 
 def run_on_jsonl(monkeypatch, tiny_dir, tmp_path, docs):
@@ -147,7 +153,7 @@ def test_repeated_texts_are_one_document(tiny_dir, tmp_path, monkeypatch):
 
 def test_txt_corpus(tiny_dir, tmp_path, monkeypatch):
     corpus = tmp_path / 'c.txt'
-    corpus.write_text('\n\n'.join(synthetic_docs(30)))
+    corpus.write_text('\n\n'.join(d.replace('. ', '.\n') for d in synthetic_docs(30)))  # lines within a document
     run_datagen(monkeypatch, f'--base_model={tiny_dir["llama"]}', f'--corpus={corpus}', f'--out_dir={tmp_path / "out"}')
     assert sum(json.load(open(tmp_path / 'out' / 'meta.json'))['docs'].values()) == 30
 
@@ -222,12 +228,19 @@ def test_unreadable_corpus_one_line(tiny_dir, tmp_path, monkeypatch, name, conte
     assert not (tmp_path / 'out').exists()
 
 
-def test_out_dir_that_is_a_file_fails_first(tiny_dir, tmp_path, monkeypatch, capsys):
+def no_model_load(monkeypatch):
+    """A check that must come before any work: loading the tokenizer (the first work) fails the test."""
+    def load(name):
+        raise AssertionError('the model was loaded before the check')
+    monkeypatch.setattr(nla, 'load_tokenizer', load)
+
+
+def test_out_dir_that_is_a_file_fails_first(tiny_dir, tmp_path, monkeypatch):
     out = tmp_path / 'out'
     out.write_text('keep me')
+    no_model_load(monkeypatch)
     line = refusal(monkeypatch, f'--base_model={tiny_dir["llama"]}', f'--corpus={tiny_dir["corpus"]}', f'--out_dir={out}')
     assert f"out_dir '{out}' is a file" in line and out.read_text() == 'keep me'
-    assert 'documents:' not in capsys.readouterr().err  # before any work
 
 
 def test_empty_corpus(tiny_dir, tmp_path, monkeypatch):
@@ -237,7 +250,7 @@ def test_empty_corpus(tiny_dir, tmp_path, monkeypatch):
     assert "has no documents" in line
 
 
-def test_nan_activations_name_the_row(tiny_dir, tmp_path, monkeypatch):
+def test_nan_activations_stop_datagen(tiny_dir, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(tiny_dir['llama'])
     with torch.no_grad():
@@ -246,7 +259,20 @@ def test_nan_activations_name_the_row(tiny_dir, tmp_path, monkeypatch):
     nla.load_tokenizer(tiny_dir['llama']).save_pretrained(tmp_path / 'nan_model')
     last = refusal(monkeypatch, f'--base_model={tmp_path / "nan_model"}', f'--corpus={tiny_dir["corpus"]}',
                    f'--out_dir={tmp_path / "out"}')
-    assert 'NaN or inf' in last and 'first at row 0' in last and not (tmp_path / 'out' / 'meta.json').exists()
+    assert 'NaN or inf' in last and not (tmp_path / 'out' / 'meta.json').exists()
+
+
+def test_nan_activations_name_the_first_row(tiny_dir, tmp_path, monkeypatch):
+    """Rows 7 and 12 NaN: row 7 is the second document's fourth position (config/datagen_tiny.py: 4 per document)."""
+    forward, drawn = datagen.activations, []
+    def activations(backbone, docs_ids, doc_positions, *args):
+        acts = forward(backbone, docs_ids, doc_positions, *args)
+        acts[[7, 12]] = float('nan')
+        drawn.append(doc_positions[1][3])
+        return acts
+    monkeypatch.setattr(datagen, 'activations', activations)
+    last = refusal(monkeypatch, f'--base_model={tiny_dir["llama"]}', f'--corpus={tiny_dir["corpus"]}', f'--out_dir={tmp_path / "out"}')
+    assert f'2 activations are NaN or inf, the first at row 7 (doc_id 1, position {drawn[0]})' in last
 
 
 class FakeTeacher(http.server.BaseHTTPRequestHandler):
@@ -301,6 +327,7 @@ def test_api_teacher_retries_and_caches(tiny_dir, tmp_path, teacher_url, monkeyp
 def test_api_key_missing_fails_first_and_leaves_no_folder(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setenv('OPENAI_API_KEY', '')
     out = tmp_path / 'out'
+    no_model_load(monkeypatch)
     line = refusal(monkeypatch, *api_args(tiny_dir, out, 'http://127.0.0.1:9/v1'))
     assert 'OPENAI_API_KEY' in line and not out.exists()
 

@@ -9,6 +9,7 @@ import types
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 
 import nla
@@ -285,8 +286,8 @@ def test_advantages_by_hand():
 
 def test_equal_rewards_get_exactly_zero_advantage():
     """A float32 group mean can miss equal rewards by one ulp; the division must not turn that into a push."""
-    rewards = torch.tensor([-0.4537123] * 4 + [-1.9876] * 4 + [-0.1234567] * 4)
-    assert train.advantages(rewards, 4).tolist() == [0.0] * 12
+    rewards = torch.tensor([-0.4537123] * 8 + [-1.9876] * 8 + [-0.1234567] * 8)  # float32 means miss: 0.119 advantages
+    assert train.advantages(rewards, 8).tolist() == [0.0] * 24
 
 
 def test_a_cosine_reward_gives_the_same_advantages():
@@ -308,6 +309,12 @@ def test_policy_loss_by_hand():
     want1 = ((1 * -0.5 + 0.1 * k3(0.0)) + (1 * -0.5 + 0.1 * k3(-0.5)) + (1 * -0.5 + 0.1 * k3(0.5))) / 3
     assert loss.tolist() == pytest.approx([want0, want1])
     assert kl.tolist() == pytest.approx([k3(-0.5) / 2, (k3(-0.5) + k3(0.5)) / 3])
+
+
+def test_logratio_clamp_bounds_k3():
+    """A token the policy made far less likely than the reference (log ratio 20) counts as a log ratio of 10."""
+    _, kl = train.policy_loss(torch.tensor([[-20.0]]), torch.tensor([[0.0]]), torch.zeros(1), torch.ones(1, 1), 1.0, 10.0)
+    assert kl.item() == pytest.approx(math.exp(10) - 10 - 1)
 
 
 def test_k3_is_zero_when_policy_equals_reference():
@@ -337,10 +344,10 @@ def test_reward_floor_and_length_penalty(tiny_dir, monkeypatch):
     truncated = torch.tensor([False, True, False, False])
     lengths = torch.tensor([10, 20, 10, 18])
     acts = torch.randn(4, 64)
-    rewards, valid, _, preds = train.score(ar, tok, texts, truncated, lengths, acts, 'cpu')
+    rewards, valid, _, _ = train.score(ar, tok, texts, truncated, lengths, acts, 'cpu')
     assert rewards[:2].tolist() == [nla.FAIL_REWARD, nla.FAIL_REWARD]
     assert valid.tolist() == [False, False, True, True]
-    want = nla.reward(preds, acts[2:]) - torch.tensor([0.0, 0.1 * 3])
+    want = nla.reward(train.ar_predict(ar, tok, ['short', 'long'], 'cpu'), acts[2:]) - torch.tensor([0.0, 0.1 * 3])
     torch.testing.assert_close(rewards[2:], want)
 
 
@@ -349,6 +356,7 @@ def test_take_rows_is_a_seeded_stream():
     b, c2 = train.take_rows(c1, 7, 10)
     assert (c1, c2) == (7, 14) and sorted(a + b[:3]) == list(range(10))  # epoch 0 whole, then epoch 1
     assert train.take_rows(7, 7, 10)[0] == b
+    assert train.take_rows(0, 10, 10)[0] != train.take_rows(10, 10, 10)[0]  # each epoch its own order
 
 
 def test_lr_schedule(monkeypatch):
@@ -357,6 +365,7 @@ def test_lr_schedule(monkeypatch):
     assert train.lr_at(0, 1.0, 100) == pytest.approx(0.1)
     assert train.lr_at(10, 1.0, 100) == pytest.approx(1.0)
     assert train.lr_at(100, 1.0, 100) == pytest.approx(0.1)
+    assert train.lr_at(35, 1.0, 110) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))  # a quarter of the way
     monkeypatch.setattr(train, 'min_lr_frac', 1.0)
     assert train.lr_at(60, 1.0, 100) == pytest.approx(1.0)
 
@@ -444,12 +453,17 @@ def test_static_cache_draws_the_same_rollouts(tiny_dir, monkeypatch):
     monkeypatch.setattr(train, 'max_new_tokens', 16)
     tok = nla.load_tokenizer(tiny_dir['llama'])
     ids, pos = nla.av_prompt(tok, '@')
-    out = {}
+    built = []  # the StaticCaches generate makes: the static run must really use one
+    static_init = transformers.StaticCache.__init__
+    monkeypatch.setattr(transformers.StaticCache, '__init__', lambda self, *a, **k: built.append(1) or static_init(self, *a, **k))
+    out, caches = {}, {}
     for cache in ('dynamic', 'static'):
         monkeypatch.setattr(train, 'gen_cache', cache)
         torch.manual_seed(0)
         av, _, _ = train.build_av('', {}, tok, 'cpu')
         x = nla.inject(av, ids, pos, torch.randn(4, 64), 2.0)
         out[cache] = train.rollouts(av, x, 2, nla.end_token_ids(av, tok), tok.pad_token_id, (0, 0), 0)
+        caches[cache], built[:] = len(built), []
+    assert caches['dynamic'] == 0 and caches['static'] > 0, caches
     assert all(torch.equal(a, b) for a, b in zip(out['dynamic'], out['static']))
     assert out['static'][0].shape == (8, 16)
