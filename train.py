@@ -566,7 +566,7 @@ def load_checkpoint(run):
     np.random.set_state(ckpt['rng']['numpy'])
     random.setstate(ckpt['rng']['python'])
     if ckpt['rng']['cuda'] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt['rng']['cuda'][:torch.cuda.device_count()])  # saved where torchrun showed more GPUs?
+        torch.cuda.set_rng_state_all(ckpt['rng']['cuda'][:torch.cuda.device_count()])  # torchrun shows every rank all GPUs
     log_path = os.path.join(out_dir, 'log.jsonl')
     if master_process and os.path.isfile(log_path):  # steps logged after the checkpoint are run and logged again
         with open(log_path) as f:
