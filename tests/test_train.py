@@ -406,25 +406,16 @@ def test_eval_shards_are_equal_and_contiguous(monkeypatch):
     ({'seed': -1}, 'seed must be in'),
     ({'logratio_clamp': 0.0}, 'logratio_clamp must be positive'),
     ({'length_slack': -1}, 'length_slack must not be negative'),
+    ({'rollout': 'vllm', 'stage': 'eval', 'init_av': 'a', 'init_ar': 'b'}, 'pip install vllm==0.26.0'),
+    ({'wandb_log': True}, 'pip install wandb'),
 ])
 def test_check_config_refusals(monkeypatch, tmp_path, settings, message):
     monkeypatch.setattr(train, 'out_dir', str(tmp_path))
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name: None)  # the optional packages (vllm, wandb) absent
     for k, v in settings.items():
         monkeypatch.setattr(train, k, v)
     with pytest.raises(SystemExit, match=message):
         train.check_config()
-
-
-def test_missing_optional_packages_are_named_before_any_work(monkeypatch, tmp_path):
-    monkeypatch.setattr(train, 'out_dir', str(tmp_path))
-    monkeypatch.setattr(importlib.util, 'find_spec', lambda name: None)
-    for settings, message in (({'rollout': 'vllm', 'stage': 'eval', 'init_av': 'a', 'init_ar': 'b'}, 'pip install vllm==0.26.0'),
-                              ({'wandb_log': True}, 'pip install wandb')):
-        with monkeypatch.context() as m:
-            for k, v in settings.items():
-                m.setattr(train, k, v)
-            with pytest.raises(SystemExit, match=message):
-                train.check_config()
 
 
 def test_log_interval_logs_the_steps_it_names(monkeypatch):
