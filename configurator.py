@@ -14,6 +14,7 @@ import json
 import math
 import os
 import sys
+import types
 
 CONFIG_TYPES = (bool, int, float, str, list, tuple, dict)
 
@@ -51,7 +52,7 @@ def configure(script_globals, argv=None):
             except Exception as e:  # the file's own error, in one line
                 _fail(f"config file '{arg}' failed: {type(e).__name__}: {e}")
             for key, value in namespace.items():
-                if key.startswith('_') or key == '__builtins__' or (key not in config and type(value) not in CONFIG_TYPES):
+                if key.startswith('_') or (key not in config and (callable(value) or isinstance(value, types.ModuleType))):
                     continue  # imports and helpers a config file uses
                 if key not in config or value is not config[key]:
                     config[key] = _check(key, value, config, arg)

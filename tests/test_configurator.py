@@ -37,9 +37,11 @@ def test_bad_arguments_stop_with_one_line(argv, message):
     assert message in str(e.value) and '\n' not in str(e.value)
 
 
-def test_unknown_key_in_a_file(tmp_path):
+@pytest.mark.parametrize('value', ['3', 'None', '__import__("numpy").int64(3)'])
+def test_unknown_key_in_a_file(tmp_path, value):
+    """Whatever its value: only imports, functions and classes are taken for a config file's helpers."""
     cfg = tmp_path / 'c.py'
-    cfg.write_text("setps = 3\n")
+    cfg.write_text(f"import os\ndef twice(x):\n    return 2 * x\nsetps = {value}\n")
     with pytest.raises(SystemExit, match=r"unknown key 'setps' in .*c.py \(did you mean 'steps'\?\)"):
         configurator.configure(defaults(), [str(cfg)])
 
