@@ -135,7 +135,7 @@ def activations(backbone, docs_ids, doc_positions, pad_id, batch_size, device):
     for i in range(0, len(docs_ids), batch_size):
         chunk = docs_ids[i:i + batch_size]
         ids, mask = nla.pad_right(chunk, pad_id, device)
-        h = backbone(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, d)
+        h = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # (B, T, d)
         for j in range(len(chunk)):
             out.append(h[j, doc_positions[i + j]].float().cpu())
         progress(min(i + batch_size, len(docs_ids)), len(docs_ids), t0, 'activations (docs)')
@@ -206,7 +206,8 @@ def api_explanations(contexts, cache_path):
 
 
 def main(config):
-    if set(splits) != set(nla.SPLITS) or min(splits.values()) < 0 or abs(sum(splits.values()) - 1) > 1e-6:
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in splits.values())
+    if set(splits) != set(nla.SPLITS) or not numbers or min(splits.values()) < 0 or abs(sum(splits.values()) - 1) > 1e-6:
         fail(f"splits must give fractions of {nla.SPLITS} summing to 1, got {splits}")
     for name, low in (('batch_size', 1), ('positions_per_doc', 1), ('max_docs', 0), ('min_position', 0),
                       ('api_concurrency', 1), ('api_retries', 0)):

@@ -52,11 +52,15 @@ def resolve_device(name):
     """'auto' is cuda when torch sees a GPU, else cpu; a device torch does not know or cannot use raises ValueError."""
     dev = ('cuda' if torch.cuda.is_available() else 'cpu') if name == 'auto' else name
     try:
-        kind = torch.device(dev).type
+        parsed = torch.device(dev)
     except RuntimeError:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got '{name}'") from None
-    if kind == 'cuda' and not torch.cuda.is_available():
+        parsed = None
+    if parsed is None or parsed.type not in ('cpu', 'cuda'):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got '{name}'")
+    if parsed.type == 'cuda' and not torch.cuda.is_available():
         raise ValueError(f"device='{name}' but torch sees no CUDA device")
+    if parsed.type == 'cuda' and (parsed.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device='{name}' but torch sees {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 
@@ -84,12 +88,14 @@ def load_lm(name, dtype='bfloat16', device='cpu'):
 
 
 def find_blocks(model):
-    """(module holding the decoder blocks, the blocks): the ModuleList as long as the config's layer count."""
+    """(module holding the decoder blocks, the blocks): the ModuleList as long as the config's layer count
+    beside the input embedding (a vision tower's layers may be as many)."""
     n_layers = model.config.get_text_config().num_hidden_layers
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) == n_layers:
             parent = model.get_submodule(name.rsplit('.', 1)[0]) if '.' in name else model
-            return parent, module
+            if any(child is model.get_input_embeddings() for child in parent.children()):
+                return parent, module
     raise ValueError(f"{type(model).__name__}: no ModuleList of {n_layers} decoder blocks found")
 
 
@@ -180,6 +186,8 @@ def add_lora(module, rank, alpha, rslora=False):
     """Wrap every nn.Linear inside the decoder blocks (attention and MLP) with a LoRALinear."""
     _, blocks = find_blocks(module)
     targets = [(name, m) for name, m in blocks.named_modules() if isinstance(m, nn.Linear)]
+    if not targets:  # GPT-2's projections, for one, are Conv1D
+        raise ValueError(f"{type(module).__name__}: its decoder blocks hold no nn.Linear for LoRA to wrap")
     for name, linear in targets:
         parent_name, _, child = name.rpartition('.')
         parent = blocks.get_submodule(parent_name) if parent_name else blocks
@@ -259,7 +267,7 @@ def response_logprobs(av, prompt_embeds, resp_ids, resp_mask, with_entropy=False
     N, T = resp_ids.shape
     x = torch.cat([prompt_embeds, av.get_input_embeddings()(resp_ids)], 1)  # (N, P+T, d)
     mask = torch.cat([torch.ones(N, prompt_embeds.shape[1], dtype=resp_mask.dtype, device=resp_mask.device), resp_mask], 1)
-    logits = av(inputs_embeds=x, attention_mask=mask, logits_to_keep=T + 1).logits[:, :-1].float()  # (N, T, V)
+    logits = av(inputs_embeds=x, attention_mask=mask, logits_to_keep=T + 1, use_cache=False).logits[:, :-1].float()  # (N, T, V)
     logp = logits.log_softmax(-1)
     token_logp = logp.gather(-1, resp_ids.unsqueeze(-1)).squeeze(-1)
     if not with_entropy:
@@ -293,7 +301,7 @@ class Reconstructor(nn.Module):
     def last_hidden(self, input_ids, attention_mask):
         """(B, d) output of block K at each row's last real token (rows are right-padded)."""
         with torch.autocast(input_ids.device.type, self.compute_dtype, enabled=self.compute_dtype != torch.float32):
-            h = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, d)
+            h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, d)
         last = attention_mask.sum(1) - 1
         return h[torch.arange(h.shape[0], device=h.device), last]
 
@@ -366,6 +374,8 @@ def fve_stats(pred, target):
 def fve_from_stats(sq_err_sum, u_sum, n):
     # FVE = 1 - E||u^ - p^||^2 / E||u^ - mean(u^)||^2, with u^ = h/||h||, p^ = pred/||pred||, means over the set.
     # As ||u^|| = 1, the denominator E||u^ - mean u^||^2 = 1 - ||mean u^||^2. Any constant prediction scores <= 0.
+    if n < 2:  # one vector has no variance to explain
+        return float('nan')
     variance = 1 - (u_sum / n).pow(2).sum()
     return float(1 - (sq_err_sum / n) / variance)
 
@@ -530,6 +540,8 @@ def read_split(data_dir, split, d_model):
     nulls = [c for c in table.column_names if table.column(c).null_count]
     if nulls:  # flatten() would skip a null activation and pair every later row with the wrong text
         raise ValueError(f"{path}: column {nulls[0]} has {table.column(nulls[0]).null_count} empty (null) rows")
+    if acts.flatten().null_count:
+        raise ValueError(f"{path}: column activation has {acts.flatten().null_count} null values inside its rows")
     acts = torch.from_numpy(acts.flatten().to_numpy().reshape(-1, d_model).copy())
     bad = torch.nonzero(~torch.isfinite(acts).all(1) | (acts == 0).all(1)).flatten()
     if len(bad):

@@ -769,7 +769,7 @@ def rl(run):
         s = dict(zip(local, global_sum(list(local.values()), dev).tolist()))
         n, mean_reward = s['rollouts'], s['reward'] / s['rollouts']
         record = {'ok': av_ok and ar_ok, 'reward': mean_reward, 'reward_std': math.sqrt(max(s['reward_sq'] / n - mean_reward ** 2, 0)),
-                  'fve': nla.fve_from_stats(s['sq_err'], u_sum, s['valid']) if s['valid'] > 1 else float('nan'),
+                  'fve': nla.fve_from_stats(s['sq_err'], u_sum, s['valid']),
                   'extraction_rate': s['extracted'] / n, 'truncation_rate': s['truncated'] / n, 'mean_len': s['tokens'] / n,
                   'kl': s['kl'] / n, 'entropy': s['entropy'] / n, 'zero_adv_frac': s['equal_groups'] / s['groups'],
                   'av_grad_norm': av_norm, 'ar_grad_norm': ar_norm, 'ar_loss': ar_loss, 'lr': lr_now, 'ar_lr': ar_lr_now,

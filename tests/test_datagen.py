@@ -58,6 +58,14 @@ def null_first(column):
     return edit
 
 
+def null_inside_first_activation(table):
+    acts = table.column('activation').combine_chunks()
+    values = acts.flatten().to_pylist()
+    values[3] = None
+    return table.set_column(table.column_names.index('activation'), 'activation',
+                            pa.FixedSizeListArray.from_arrays(pa.array(values, pa.float32()), acts.type.list_size))
+
+
 def test_writes_four_splits_and_meta(tiny_data, tiny_dir):
     meta = json.load(open(os.path.join(tiny_data, 'meta.json')))
     for key in ('base_model', 'layer', 'd_model', 'marker', 'marker_id', 'alpha', 'norm_quantiles', 'teacher',
@@ -182,6 +190,7 @@ def test_refusal_on_the_command_line_is_one_line_without_traceback(tiny_dir, tmp
     (['--corpus=/nonexistent.parquet'], "corpus '/nonexistent.parquet' not found"),
     (['--layer=4'], "layer 4 does not exist"),
     (['--splits={"av_sft": 0.5, "rl": 0.5}'], "splits must give fractions"),
+    (['--splits={"av_sft": "0.3", "ar_sft": 0.3, "rl": 0.3, "val": 0.1}'], "splits must give fractions"),
     (['--teacher=oracle'], "teacher must be"),
     (['--max_docs=2'], "got no document"),
     (['--max_docs=-5'], "max_docs must be >= 0"),
@@ -403,6 +412,7 @@ def test_read_data_meta_refuses(tiny_dir, tiny_data, tmp_path, meta_edit, messag
     (zero_first_activation, 'row 0 has a NaN, inf or all-zero activation'),
     (null_first('activation'), 'column activation has 1 empty (null) rows'),
     (null_first('context'), 'column context has 1 empty (null) rows'),
+    (null_inside_first_activation, 'column activation has 1 null values inside its rows'),
 ])
 def test_read_split_refuses(tiny_data, tmp_path, val, message):
     data = broken_copy(tiny_data, tmp_path, val=val)

@@ -161,6 +161,46 @@ def test_reconstructor_full_or_lora_trainables(tiny_dir):
     assert 'head.weight' in names and all('lora_' in n for n in names if n != 'head.weight')
 
 
+def test_blocks_are_the_language_model_s_beside_a_vision_tower_as_deep(tiny_dir):
+    """A multimodal Gemma3 whose vision encoder has as many layers as its text model: LoRA goes on the text blocks."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+    text = Gemma3TextConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=16, sliding_window=8)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4))
+    _, blocks = nla.find_blocks(model)
+    assert blocks is model.model.language_model.layers
+    assert all('language_model' in name for name, _ in nla.lora_layers(nla.add_lora(model, 4, 8.0)))
+
+
+def test_lora_refuses_blocks_without_linear_layers():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=2))
+    with pytest.raises(ValueError, match='hold no nn.Linear for LoRA to wrap'):
+        nla.add_lora(model, 4, 8.0)
+
+
+@pytest.mark.parametrize('name', ['mps', 'meta'])
+def test_resolve_device_refuses_what_the_trainer_cannot_use(name):
+    """Devices torch knows but this code does not run on (mps passed once and failed later with a traceback)."""
+    with pytest.raises(ValueError, match="device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"):
+        nla.resolve_device(name)
+
+
+def test_scoring_forwards_keep_no_kv_cache(tiny_dir):
+    """The log-prob and reconstructor forwards never decode on, so they build no cache (a whole batch's K/V)."""
+    caches = []
+    av, ar = lm_with_lora(tiny_dir['llama']), nla.load_reconstructor(tiny_dir['llama'], 1, 'float32')
+    for model in (av, ar.backbone):
+        model.register_forward_hook(lambda m, args, out: caches.append(out.past_key_values))
+    tok = nla.load_tokenizer(tiny_dir['llama'])
+    ids, mask = nla.ar_inputs(tok, ['a short one', 'a longer explanation here'], 64, 'cpu')
+    ar(ids, mask)
+    nla.response_logprobs(av, av.get_input_embeddings()(ids), ids, mask)
+    assert caches == [None, None]
+
+
 def test_missing_layer_is_a_clear_error(tiny_dir):
     with pytest.raises(ValueError, match='layer 9 does not exist'):
         nla.load_backbone(tiny_dir['llama'], 10, 'float32')
@@ -199,6 +239,12 @@ def test_fve_of_the_mean_predictor_is_at_most_zero():
     assert got == pytest.approx(1 - 2 / (1 + m.norm().item()), abs=1e-6)
     assert got <= 0
     assert nla.fve((m + 0.3 * torch.randn(16)).expand(200, -1), target) < got  # any other constant is worse
+
+
+def test_fve_of_one_row_is_nan():
+    """One vector has no variance: its FVE (and the shuffled control's, which pairs it with itself) is undefined."""
+    one = torch.randn(1, 8)
+    assert math.isnan(nla.fve(one + 0.1, one)) and math.isnan(nla.fve_shuffled(one, one, 0))
 
 
 def test_fve_stats_sum_across_shards():
