@@ -318,6 +318,7 @@ def start_engine(prompt_len, dev):
     # in-process engine core: the weight push hands it this process's tensors directly, with no copy and no pickling
     os.environ['VLLM_ENABLE_V1_MULTIPROCESSING'] = '0'
     os.environ.setdefault('VLLM_USE_FLASHINFER_SAMPLER', '0')
+    os.environ['VLLM_USE_V2_MODEL_RUNNER'] = '0'  # its V2 runner takes no prompt_embeds (0.26 raises when asked for it)
     import vllm
     if vllm.__version__ != VLLM_VERSION:
         fail(f"rollout='vllm' was written against vllm=={VLLM_VERSION}, this is {vllm.__version__}")

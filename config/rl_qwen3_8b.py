@@ -7,7 +7,7 @@ out_dir = 'out/qwen3_8b/rl'
 init_av = 'out/qwen3_8b/sft_av'
 init_ar = 'out/qwen3_8b/sft_ar'
 rollout = 'vllm'
-vllm_gpu_memory = 0.25  # 20 GB of an 80 GB H100: 16.4 GB of bf16 weights + ~3.6 GB of KV cache
+vllm_gpu_memory = 0.32  # 25.6 GB of an 80 GB H100: 16.4 bf16 weights, ~3.5 profiling peak and CUDA graphs, ~5 KV
 max_steps = 500
 batch_prompts = 256
 group_size = 8  # 256 prompts * 8 rollouts = 2048 rollouts per step, 512 per GPU

@@ -42,6 +42,8 @@ def engine_and_av(request, tmp_path_factory):
             mp.setattr(train, k, v)
         # GiB of KV cache for the CPU build; unset, it takes a share of RAM minus this whole process
         mp.setenv('VLLM_CPU_KVCACHE_SPACE', os.environ.get('VLLM_CPU_KVCACHE_SPACE', '1'))
+        # fp32 attention on a GPU is vLLM's Triton kernel, whose dots are TF32 unless told (Hopper): not what HF computes
+        mp.setenv('TRITON_F32_DEFAULT', 'ieee')
         tok = nla.load_tokenizer(path)
         av = nla.add_lora(nla.load_lm(path, 'float32', DEVICE), 4, 8.0)
         torch.manual_seed(0)
