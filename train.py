@@ -164,7 +164,7 @@ def build_av(init, data_meta, tokenizer, dev):
     meta = {'lora_rank': lora_rank, 'lora_alpha': lora_alpha, 'rslora': rslora}
     meta = read_init(path, meta, data_meta) if init else meta
     av = nla.load_lm(base_model, dtype, dev)
-    nla.add_lora(av, meta['lora_rank'], meta['lora_alpha'], meta['rslora'])
+    checked(nla.add_lora, av, meta['lora_rank'], meta['lora_alpha'], meta['rslora'])
     frozen = checked(nla.load_av, av, path) if init else []
     av.generation_config = GenerationConfig(  # ours alone: no sampling defaults of the model's leak in
         do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
@@ -183,7 +183,7 @@ def build_ar(init, data_meta, reads, dev):
     meta = read_init(path, meta, data_meta) if init else meta
     if meta['ar_input'] != reads:
         fail(f"{path} is an AR of ar_input='{meta['ar_input']}', used here where one of ar_input='{reads}' is needed")
-    ar = nla.load_reconstructor(base_model, data_meta['layer'], dtype, dev, meta['ar_lora_rank'], meta['lora_alpha'], meta['rslora'])
+    ar = checked(nla.load_reconstructor, base_model, data_meta['layer'], dtype, dev, meta['ar_lora_rank'], meta['lora_alpha'], meta['rslora'])
     if init:
         checked(nla.load_trainable, ar, load_file(path), path)
     if gradient_checkpointing:

@@ -351,6 +351,19 @@ def test_reward_floor_and_length_penalty(tiny_dir, monkeypatch):
     torch.testing.assert_close(rewards[2:], want)
 
 
+def test_a_base_model_lora_cannot_adapt_is_refused_in_one_line(tmp_path, monkeypatch):
+    """GPT-2's projections are Conv1D: an AV or a LoRA AR of it would have nothing to train."""
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+                                 ).save_pretrained(tmp_path / 'gpt2')
+    monkeypatch.setattr(train, 'base_model', str(tmp_path / 'gpt2'))
+    monkeypatch.setattr(train, 'dtype', 'float32')
+    with pytest.raises(SystemExit, match="^train: GPT2LMHeadModel: its decoder blocks hold no nn.Linear"):
+        train.build_av('', {}, None, 'cpu')
+    monkeypatch.setattr(train, 'ar_lora_rank', 4)
+    with pytest.raises(SystemExit, match="^train: GPT2Model: its decoder blocks hold no nn.Linear"):
+        train.build_ar('', {'layer': 0}, 'explanation', 'cpu')
+
+
 def test_take_rows_is_a_seeded_stream():
     a, c1 = train.take_rows(0, 7, 10)
     b, c2 = train.take_rows(c1, 7, 10)
