@@ -69,6 +69,8 @@ def load_tokenizer(name):
         tok = AutoTokenizer.from_pretrained(name)
     except OSError as e:
         raise ValueError(f"base_model '{name}' is not a model folder, and the hub did not give it ({type(e).__name__})") from e
+    if tok.eos_token_id is None:  # the AV's responses end with it, and padding falls back to it
+        raise ValueError(f"base_model '{name}': its tokenizer has no end-of-sequence token")
     if tok.pad_token_id is None:  # padding is always masked explicitly, so any id will do
         tok.pad_token = tok.eos_token
     return tok

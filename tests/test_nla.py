@@ -201,6 +201,14 @@ def test_scoring_forwards_keep_no_kv_cache(tiny_dir):
     assert caches == [None, None]
 
 
+def test_a_tokenizer_without_an_end_token_is_refused(tiny_dir, tmp_path):
+    tok = nla.load_tokenizer(tiny_dir['llama'])
+    tok.eos_token = tok.pad_token = None
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match='its tokenizer has no end-of-sequence token'):
+        nla.load_tokenizer(str(tmp_path))
+
+
 def test_missing_layer_is_a_clear_error(tiny_dir):
     with pytest.raises(ValueError, match='layer 9 does not exist'):
         nla.load_backbone(tiny_dir['llama'], 10, 'float32')
