@@ -93,10 +93,11 @@ def find_blocks(model):
     """(module holding the decoder blocks, the blocks): the ModuleList as long as the config's layer count
     beside the input embedding (a vision tower's layers may be as many)."""
     n_layers = model.config.get_text_config().num_hidden_layers
+    embedding = model.get_input_embeddings()
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) == n_layers:
             parent = model.get_submodule(name.rsplit('.', 1)[0]) if '.' in name else model
-            if any(child is model.get_input_embeddings() for child in parent.children()):
+            if any(child is embedding for child in parent.children()):
                 return parent, module
     raise ValueError(f"{type(model).__name__}: no ModuleList of {n_layers} decoder blocks found")
 
@@ -542,9 +543,10 @@ def read_split(data_dir, split, d_model):
     nulls = [c for c in table.column_names if table.column(c).null_count]
     if nulls:  # flatten() would skip a null activation and pair every later row with the wrong text
         raise ValueError(f"{path}: column {nulls[0]} has {table.column(nulls[0]).null_count} empty (null) rows")
-    if acts.flatten().null_count:
-        raise ValueError(f"{path}: column activation has {acts.flatten().null_count} null values inside its rows")
-    acts = torch.from_numpy(acts.flatten().to_numpy().reshape(-1, d_model).copy())
+    values = acts.flatten()
+    if values.null_count:
+        raise ValueError(f"{path}: column activation has {values.null_count} null values inside its rows")
+    acts = torch.from_numpy(values.to_numpy().reshape(-1, d_model).copy())
     bad = torch.nonzero(~torch.isfinite(acts).all(1) | (acts == 0).all(1)).flatten()
     if len(bad):
         raise ValueError(f"{path}: row {bad[0].item()} has a NaN, inf or all-zero activation")
