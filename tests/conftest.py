@@ -78,6 +78,12 @@ def make_model(path, family, tok, layers=4, **config):
     return path
 
 
+def tiny_gpt2():
+    """A random GPT-2, whose blocks' projections are Conv1D, not nn.Linear: LoRA has nothing to wrap."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    return GPT2LMHeadModel(GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=2))
+
+
 @pytest.fixture(scope='session')
 def tiny_dir(tmp_path_factory):
     """{'llama', 'qwen3', 'gemma3': model folders, 'corpus': parquet}: tiny random models with the test tokenizer."""

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import nla
+from conftest import tiny_gpt2
 
 
 @pytest.fixture(params=['llama', 'qwen3', 'gemma3'])
@@ -175,10 +176,8 @@ def test_blocks_are_the_language_model_s_beside_a_vision_tower_as_deep(tiny_dir)
 
 
 def test_lora_refuses_blocks_without_linear_layers():
-    from transformers import GPT2Config, GPT2LMHeadModel
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=2))
     with pytest.raises(ValueError, match='hold no nn.Linear for LoRA to wrap'):
-        nla.add_lora(model, 4, 8.0)
+        nla.add_lora(tiny_gpt2(), 4, 8.0)
 
 
 @pytest.mark.parametrize('name', ['mps', 'meta'])

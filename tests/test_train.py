@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import nla
 import train
-from conftest import broken_copy, read_log, run_script, zero_first_activation
+from conftest import broken_copy, read_log, run_script, tiny_gpt2, zero_first_activation
 
 RL_ARGS = ['--stage=rl', '--max_new_tokens=64', '--length_slack=8', '--min_lr_frac=1.0', '--lr=1e-3', '--ar_lr=1e-3']
 
@@ -353,8 +353,7 @@ def test_reward_floor_and_length_penalty(tiny_dir, monkeypatch):
 
 def test_a_base_model_lora_cannot_adapt_is_refused_in_one_line(tmp_path, monkeypatch):
     """GPT-2's projections are Conv1D: an AV or a LoRA AR of it would have nothing to train."""
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=2)
-                                 ).save_pretrained(tmp_path / 'gpt2')
+    tiny_gpt2().save_pretrained(tmp_path / 'gpt2')
     monkeypatch.setattr(train, 'base_model', str(tmp_path / 'gpt2'))
     monkeypatch.setattr(train, 'dtype', 'float32')
     with pytest.raises(SystemExit, match="^train: GPT2LMHeadModel: its decoder blocks hold no nn.Linear"):
