@@ -11,7 +11,6 @@ and the closest valid key. Returns the resolved config and writes it back into t
 import ast
 import difflib
 import json
-import math
 import os
 import sys
 import types
@@ -32,7 +31,7 @@ def _check(key, value, config, where):
     ok = ok or (want is float and isinstance(value, int) and not isinstance(value, bool))  # 1 for 1.0 is fine
     if not ok:
         _fail(f"'{key}' in {where} must be {want.__name__} like its default {config[key]!r}, got {value!r}")
-    if want is float and not math.isfinite(value):
+    if want is float and not abs(value) <= sys.float_info.max:  # nan, inf, or an int too large for a float
         _fail(f"'{key}' in {where} must be a finite number, got {value!r}")
     return float(value) if want is float else value
 

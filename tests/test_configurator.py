@@ -29,6 +29,7 @@ def test_int_for_float_is_fine():
     (['--flag=1'], "'flag' in the command line must be bool"),
     (['--lr'], "must look like --key=value"),
     (['--lr=1e999'], "'lr' in the command line must be a finite number"),
+    (['--lr=' + '9' * 400], "'lr' in the command line must be a finite number"),
     (['missing.py'], "config file 'missing.py' not found"),
 ])
 def test_bad_arguments_stop_with_one_line(argv, message):
