@@ -438,6 +438,9 @@ def load_av(model, path):
     """Load a save_av file into a model with fresh LoRA: freezes the earlier adapters, loads the live
     one, and returns the frozen states (pass them back to save_av)."""
     tensors = load_file(path)
+    foreign = [k for k in tensors if not re.fullmatch(r'adapter\d+\..+', k)]
+    if foreign or not tensors:
+        raise ValueError(f"{path} holds {repr(foreign[0]) if foreign else 'no tensors'}: an AV file holds adapter<i>.<name> tensors")
     n = 1 + max(int(k.split('.', 1)[0][len('adapter'):]) for k in tensors)
     states = [{k.split('.', 1)[1]: t for k, t in tensors.items() if k.startswith(f"adapter{i}.")} for i in range(n)]
     for state in states[:-1]:

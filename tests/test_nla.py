@@ -290,6 +290,15 @@ def test_av_save_load_bit_identical(tiny_dir, tmp_path):
     assert len(back) == 1 and nla.read_meta(tmp_path / 'av.safetensors') == {'lora_rank': 4}
 
 
+
+@pytest.mark.parametrize('tensors, message', [({'lm_head.weight': torch.zeros(2)}, "holds 'lm_head.weight'"),
+                                              ({}, 'holds no tensors')])
+def test_load_av_refuses_a_file_not_made_by_save_av(tiny_dir, tmp_path, tensors, message):
+    nla.save_weights(tmp_path / 'av.safetensors', tensors, {'lora_rank': 4})
+    with pytest.raises(ValueError, match=message):
+        nla.load_av(lm_with_lora(tiny_dir['llama']), tmp_path / 'av.safetensors')
+
+
 SIGNATURE = {'model_type': 'llama', 'n_layers': 4, 'd_model': 64, 'layer': 1}
 
 
