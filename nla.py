@@ -438,11 +438,13 @@ def load_av(model, path):
     """Load a save_av file into a model with fresh LoRA: freezes the earlier adapters, loads the live
     one, and returns the frozen states (pass them back to save_av)."""
     tensors = load_file(path)
-    foreign = [k for k in tensors if not re.fullmatch(r'adapter\d+\..+', k)]
+    keys = {k: re.fullmatch(r'adapter(\d+)\.(.+)', k) for k in tensors}  # save_av's names: (i, name)
+    foreign = [k for k, m in keys.items() if m is None]
     if foreign or not tensors:
         raise ValueError(f"{path} holds {repr(foreign[0]) if foreign else 'no tensors'}: an AV file holds adapter<i>.<name> tensors")
-    n = 1 + max(int(k.split('.', 1)[0][len('adapter'):]) for k in tensors)
-    states = [{k.split('.', 1)[1]: t for k, t in tensors.items() if k.startswith(f"adapter{i}.")} for i in range(n)]
+    states = [{} for _ in range(1 + max(int(m[1]) for m in keys.values()))]
+    for k, m in keys.items():
+        states[int(m[1])][m[2]] = tensors[k]
     for state in states[:-1]:
         load_trainable(model, state, path)
         freeze_lora_(model)
