@@ -289,6 +289,7 @@ def test_av_save_load_bit_identical(tiny_dir, tmp_path):
     assert torch.equal(model(ids).logits, fresh(ids).logits)
     assert len(back) == 1 and nla.read_meta(tmp_path / 'av.safetensors') == {'lora_rank': 4}
 
+
 @pytest.mark.parametrize('tensors, message', [({'lm_head.weight': torch.zeros(2)}, "holds 'lm_head.weight'"),
                                               ({}, 'holds no tensors')])
 def test_load_av_refuses_a_file_not_made_by_save_av(tiny_dir, tmp_path, tensors, message):
