@@ -30,6 +30,9 @@ import types
 import numpy as np
 import torch
 import torch.distributed as dist
+# imported after init_process_group (from_pretrained does), its functions bind the live group as a default
+# argument: the gloo group and its threads then outlive destroy_process_group, and a rank may abort at exit
+import torch.distributed.nn  # noqa: F401
 from safetensors.torch import load_file
 from transformers import GenerationConfig
 
@@ -914,8 +917,6 @@ def main(config):
 if __name__ == '__main__':
     try:
         main(config)
-        if ddp:
-            dist.barrier()  # ranks leave together: a rank leaving while rank 0 still wrote was once aborted at exit (gloo)
     finally:
         if ddp and dist.is_initialized():
             dist.destroy_process_group()

@@ -58,3 +58,17 @@ def test_two_ranks_equal_one_process(tiny_dir, tiny_data, sft_runs, tmp_path, st
 def test_batch_must_divide_by_ranks(tiny_dir, tiny_data, tmp_path):
     p = torchrun(*common(tiny_dir, tiny_data), '--stage=sft_ar', '--batch_size=15', f'--out_dir={tmp_path}', ok=False)
     assert p.returncode != 0 and 'batch_size=15 must divide by the number of ranks, 2' in p.stderr
+
+
+def test_process_group_threads_end_with_destroy(tiny_dir):
+    # from_pretrained imports torch.distributed.nn, whose functions bind the live group as a default argument
+    # when imported after init_process_group: the gloo threads then outlive destroy and a rank may abort at exit
+    script = f"""import glob, sys
+sys.argv = ['train.py']
+import torch.distributed as dist, transformers, train
+dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)
+transformers.AutoModelForCausalLM.from_pretrained({tiny_dir['llama']!r})
+dist.destroy_process_group()
+print(sorted(open(f).read().strip() for f in glob.glob('/proc/self/task/*/comm')))"""
+    p = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert 'gloo' not in p.stdout, p.stdout
