@@ -63,8 +63,7 @@ def test_batch_must_divide_by_ranks(tiny_dir, tiny_data, tmp_path):
 def test_process_group_threads_end_with_destroy(tiny_dir):
     # from_pretrained imports torch.distributed.nn, whose functions bind the live group as a default argument
     # when imported after init_process_group: the gloo threads then outlive destroy and a rank may abort at exit
-    script = f"""import glob, sys
-sys.argv = ['train.py']
+    script = f"""import glob
 import torch.distributed as dist, transformers, train
 dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)
 transformers.AutoModelForCausalLM.from_pretrained({tiny_dir['llama']!r})
