@@ -7,7 +7,8 @@ Corpus -> activations, warm-start explanations and document-disjoint splits.
 For each document, `positions_per_doc` token positions at or after `min_position` are drawn from a
 per-document seeded RNG. The activation is the output of block `layer` there (the forward stops after
 that block), and the context is the decoded prefix through that token. Documents (a repeated text
-is dropped), never rows, are split into av_sft / ar_sft / rl / val. Writes
+is dropped), never rows, are split into av_sft / ar_sft / rl / val; with `group_column` (say a book), all
+the documents of a group go to one split. Writes
 out_dir/{av_sft,ar_sft,rl,val}.parquet and out_dir/meta.json, all at the end and atomically: a crash
 or bad input leaves nothing half-written.
 """
@@ -35,6 +36,7 @@ base_model = 'HuggingFaceTB/SmolLM2-135M-Instruct'  # hub id or local folder
 corpus = 'data/corpus.parquet'  # .parquet (a `text` column), .jsonl ({"text": ...}), .txt (blank-line separated), or hf://OWNER/REPO/FILE.parquet
 out_dir = 'data/smollm2_l20'
 max_docs = 0  # 0: every document of the corpus
+group_column = ''  # a corpus column (e.g. 'source': one book) whose documents all go to one split; '' = each alone
 # positions
 layer = 20  # activation = output of block `layer` = hidden_states[layer + 1] (the last block's: before the final norm)
 positions_per_doc = 8
@@ -75,8 +77,9 @@ def progress(done, total, t0, what):
     print(f"\r{what} {done}/{total} | {rate:.1f}/s | eta {eta:.0f}s ", end=end, file=sys.stderr, flush=True)
 
 
-def read_corpus(path):
-    """A list of document strings from a local file or an hf:// parquet."""
+def read_corpus(path, group_column=''):
+    """Document strings from a local file or an hf:// parquet, and each one's group as a string: its group_column
+    value, or without a group_column its own place in the file."""
     if path.startswith('hf://'):
         from huggingface_hub import hf_hub_download
         parts = path[len('hf://'):].split('/', 2)
@@ -95,18 +98,27 @@ def read_corpus(path):
             table = pq.read_table(path)
             if 'text' not in table.column_names:
                 fail(f"corpus '{path}' has no 'text' column (columns: {table.column_names})")
+            if group_column and group_column not in table.column_names:
+                fail(f"corpus '{path}' has no '{group_column}' column (group_column; columns: {table.column_names})")
             docs = table.column('text').to_pylist()
+            groups = table.column(group_column).to_pylist() if group_column else list(range(len(docs)))
         elif path.endswith('.jsonl'):
-            docs = []
+            docs, groups = [], []
             with open(path, encoding='utf-8') as f:
                 for n, line in enumerate(f, 1):
                     try:
-                        docs.append(json.loads(line)['text'] if line.strip() else None)
+                        obj = json.loads(line) if line.strip() else {'text': None, group_column: None}
+                        docs.append(obj['text'])
+                        groups.append(obj[group_column] if group_column else n)
                     except (ValueError, KeyError, TypeError):
-                        fail(f"corpus '{path}' line {n} is not a JSON object with a 'text' key")
+                        fail(f"corpus '{path}' line {n} is not a JSON object with a 'text' key"
+                             + (f" and a '{group_column}' key (group_column)" if group_column else ''))
         elif path.endswith('.txt'):
+            if group_column:
+                fail(f"corpus '{path}' is a .txt, which has no columns: group_column must be ''")
             with open(path, encoding='utf-8') as f:
                 docs = f.read().split('\n\n')
+            groups = list(range(len(docs)))
         else:
             fail(f"corpus '{path}' must be .parquet, .jsonl or .txt")
     except ValueError as e:
@@ -114,10 +126,13 @@ def read_corpus(path):
     bad = [i for i, d in enumerate(docs) if not isinstance(d, (str, type(None)))]
     if bad:
         fail(f"corpus '{path}': document {bad[0]} is {type(docs[bad[0]]).__name__}, not a string ({len(bad)} such)")
-    docs = [d for d in docs if d and d.strip()]
-    if not docs:
+    keep = [i for i, d in enumerate(docs) if d and d.strip()]
+    if not keep:
         fail(f"corpus '{path}' has no documents")
-    return docs
+    missing = [i for i in keep if groups[i] is None]
+    if missing:
+        fail(f"corpus '{path}': document {missing[0]} has no '{group_column}' (group_column; {len(missing)} such)")
+    return [docs[i] for i in keep], [str(groups[i]) for i in keep]
 
 
 def draw_positions(ids, special, doc_id, seed, positions_per_doc, min_position):
@@ -230,10 +245,12 @@ def main(config):
     except ValueError as e:
         fail(str(e))
     d_model = signature['d_model']
-    corpus_docs = read_corpus(corpus)
-    docs = list(dict.fromkeys(corpus_docs))  # a repeated text is one document: in two splits it would leak
-    repeats = len(corpus_docs) - len(docs)
-    docs = docs[:max_docs or None]
+    corpus_docs, corpus_groups = read_corpus(corpus, group_column)
+    first_group = {}  # a repeated text is one document, of its first group: in two splits it would leak
+    for text, group in zip(corpus_docs, corpus_groups):
+        first_group.setdefault(text, group)
+    repeats = len(corpus_docs) - len(first_group)
+    docs, groups = list(first_group)[:max_docs or None], list(first_group.values())[:max_docs or None]
 
     # positions per document; short documents are skipped and counted
     special = set(tokenizer.all_special_ids)
@@ -250,16 +267,25 @@ def main(config):
           f"{skipped} skipped as shorter than min_position={min_position} tokens",
           file=sys.stderr)
 
-    # documents, never rows, are split
-    order = np.random.default_rng(seed).permutation(len(kept))
+    # documents, never rows, are split; a group's documents go together, to the split where the group starts when
+    # the groups are laid end to end in a seeded order (without group_column, each document is its own group)
+    members = {}
+    for doc_id in kept:
+        members.setdefault(groups[doc_id], []).append(doc_id)
+    order = np.random.default_rng(seed).permutation(len(members))
     ends = np.cumsum([0] + [splits[s] for s in nla.SPLITS])
     bounds = np.round(ends / ends[-1] * len(kept)).astype(int)  # fractions within 1e-6 of 1 still place every document
-    doc_split = {}
-    for s, lo, hi in zip(nla.SPLITS, bounds[:-1], bounds[1:]):
-        if splits[s] > 0 and hi == lo:
-            fail(f"split '{s}' got no document: {len(kept)} usable documents are too few for splits={splits}")
-        for i in order[lo:hi]:
-            doc_split[kept[i]] = s
+    doc_split, start, group_lists = {}, 0, list(members.values())
+    for i in order:
+        s = nla.SPLITS[np.searchsorted(bounds, start, side='right') - 1]
+        doc_split.update(dict.fromkeys(group_lists[i], s))
+        start += len(group_lists[i])
+    for s in nla.SPLITS:
+        if splits[s] > 0 and s not in doc_split.values():
+            fail(f"split '{s}' got no document: {len(kept)} usable documents in {len(members)} groups are too few "
+                 f"for splits={splits}")
+    if group_column:
+        print(f"{len(members)} groups by '{group_column}', each one's documents in one split", file=sys.stderr)
 
     acts = activations(backbone, docs_ids, doc_positions, tokenizer.pad_token_id, batch_size, run_device)
     rows = [(doc_id, p, s) for doc_id, positions in zip(kept, doc_positions) for p in positions

@@ -166,6 +166,42 @@ def test_txt_corpus(tiny_dir, tmp_path, monkeypatch):
     assert sum(json.load(open(tmp_path / 'out' / 'meta.json'))['docs'].values()) == 30
 
 
+@pytest.mark.parametrize('suffix', ['parquet', 'jsonl'])
+def test_group_column_puts_each_group_in_one_split(tiny_dir, tmp_path, monkeypatch, suffix):
+    """40 books of 3 documents; the last text repeats book 0's first under book 39, and stays with book 0."""
+    docs = synthetic_docs(120)
+    table = pa.table({'text': docs + docs[:1], 'source': [f'book {i // 3}' for i in range(120)] + ['book 39']})
+    corpus = tmp_path / f'c.{suffix}'
+    if suffix == 'parquet':
+        pq.write_table(table, corpus)
+    else:
+        corpus.write_text(''.join(json.dumps(row) + '\n' for row in table.to_pylist()))
+    run_datagen(monkeypatch, f'--base_model={tiny_dir["llama"]}', f'--corpus={corpus}', f'--out_dir={tmp_path / "out"}',
+                '--group_column=source')
+    split_of = {}  # book -> the splits holding its documents (doc_id is the document's place in the corpus)
+    for s in nla.SPLITS:
+        for doc_id in read(tmp_path / 'out', s)['doc_id']:
+            split_of.setdefault(doc_id // 3, set()).add(s)
+    assert len(split_of) == 40 and all(len(v) == 1 for v in split_of.values()), split_of
+    assert set().union(*split_of.values()) == set(nla.SPLITS)
+
+
+@pytest.mark.parametrize('name, content, message', [
+    ('c.parquet', parquet_bytes(pa.table({'text': synthetic_docs(5)})), "has no 'source' column (group_column"),
+    ('c.parquet', parquet_bytes(pa.table({'text': synthetic_docs(3), 'source': ['a', None, 'b']})),
+     "document 1 has no 'source' (group_column; 1 such)"),
+    ('c.jsonl', b'{"text": "a b", "source": "x"}\n{"text": "c d"}\n', "line 2 is not a JSON object with a 'text' key and a 'source' key"),
+    ('c.txt', b'a b\n\nc d', "is a .txt, which has no columns: group_column must be ''"),
+], ids=['parquet no column', 'parquet null group', 'jsonl no key', 'txt'])
+def test_group_column_the_corpus_lacks_is_one_line(tiny_dir, tmp_path, monkeypatch, name, content, message):
+    corpus = tmp_path / name
+    corpus.write_bytes(content)
+    last = refusal(monkeypatch, f'--base_model={tiny_dir["llama"]}', f'--corpus={corpus}', f'--out_dir={tmp_path / "out"}',
+                   '--group_column=source')
+    assert last.startswith(f"datagen: corpus '{corpus}") and message in last
+    assert not (tmp_path / 'out').exists()
+
+
 def test_replacing_other_data_is_noted(tiny_dir, tmp_path):
     args = ['datagen.py', 'config/datagen_tiny.py', f'--base_model={tiny_dir["llama"]}', f'--corpus={tiny_dir["corpus"]}',
             f'--out_dir={tmp_path}']
