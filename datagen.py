@@ -7,11 +7,12 @@ Corpus -> activations, warm-start explanations and document-disjoint splits.
 For each document, `positions_per_doc` token positions at or after `min_position` are drawn from a
 per-document seeded RNG. The activation is the output of block `layer` there (the forward stops after
 that block), and the context is the decoded prefix through that token. Documents (a repeated text
-is dropped), never rows, are split into av_sft / ar_sft / rl / val; with `group_column` (say a book), all
-the documents of a group go to one split. Writes
+is dropped), never rows, are split into av_sft / ar_sft / rl / val; near-duplicate documents go to one
+split, and with `group_column` (say a book) so do all the documents of a group. Writes
 out_dir/{av_sft,ar_sft,rl,val}.parquet and out_dir/meta.json, all at the end and atomically: a crash
 or bad input leaves nothing half-written.
 """
+import collections
 import hashlib
 import json
 import os
@@ -37,6 +38,7 @@ corpus = 'data/corpus.parquet'  # .parquet (a `text` column), .jsonl ({"text": .
 out_dir = 'data/smollm2_l20'
 max_docs = 0  # 0: every document of the corpus
 group_column = ''  # a corpus column (e.g. 'source': one book) whose documents all go to one split; '' = each alone
+near_duplicate = 0.5  # two documents whose tokens read share this share of their 13-token runs go to one split; 0: off
 # positions
 layer = 20  # activation = output of block `layer` = hidden_states[layer + 1] (the last block's: before the final norm)
 positions_per_doc = 8
@@ -143,6 +145,35 @@ def draw_positions(ids, special, doc_id, seed, positions_per_doc, min_position):
     return sorted(rng.choice(candidates, size=k, replace=False).tolist()) if k else []
 
 
+def token_runs(ids, n=13):
+    """The hashes of a document's runs of n tokens (a hash of ints is the same in every process, unlike a str's)."""
+    return {hash(tuple(ids[i:i + n])) for i in range(len(ids) - n + 1)}
+
+
+def join_near_duplicates(runs, groups, overlap, holders_kept=8):
+    """The groups, with those of any two documents that share at least `overlap` of the smaller one's token_runs
+    joined under one label (union-find), and the number of joins. A run is looked up among the first holders_kept
+    documents that hold it, which bounds the work on boilerplate that many documents share."""
+    parent = {g: g for g in groups}
+
+    def root(g):
+        while parent[g] != g:
+            parent[g] = parent[parent[g]]
+            g = parent[g]
+        return g
+
+    holders, joins = {}, 0
+    for i, mine in enumerate(runs):
+        for j, shared in collections.Counter(j for run in mine for j in holders.get(run, ())).items():
+            if shared >= overlap * min(len(mine), len(runs[j])) and root(groups[i]) != root(groups[j]):
+                parent[root(groups[i])] = root(groups[j])
+                joins += 1
+        for run in mine:
+            if len(holders.setdefault(run, [])) < holders_kept:
+                holders[run].append(i)
+    return [root(g) for g in groups], joins
+
+
 @torch.no_grad()
 def activations(backbone, docs_ids, doc_positions, pad_id, batch_size, device):
     """(rows, d) float32: block-K outputs at every (doc, position), documents batched and right-padded."""
@@ -228,6 +259,8 @@ def main(config):
                       ('api_concurrency', 1), ('api_retries', 0)):
         if config[name] < low:
             fail(f"{name} must be >= {low}, got {config[name]}")
+    if not 0 <= near_duplicate <= 1:
+        fail(f"near_duplicate must be in [0, 1], got {near_duplicate}")
     if min_position >= max_length:
         fail(f"min_position={min_position} must be below max_length={max_length}, or no document has a position")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -267,11 +300,17 @@ def main(config):
           f"{skipped} skipped as shorter than min_position={min_position} tokens",
           file=sys.stderr)
 
-    # documents, never rows, are split; a group's documents go together, to the split where the group starts when
-    # the groups are laid end to end in a seeded order (without group_column, each document is its own group)
+    # documents, never rows, are split. A document's group is its group_column value (or itself alone), and
+    # near-duplicates join their groups; a group goes whole to the split where it starts when the groups are laid
+    # end to end in a seeded order
+    kept_groups, runs = [groups[doc_id] for doc_id in kept], [token_runs(ids) for ids in docs_ids]
+    if near_duplicate > 0:  # near-duplicates in two splits would leak as a repeated text would
+        kept_groups, joins = join_near_duplicates(runs, kept_groups, near_duplicate)
+        print(f"near-duplicates (documents sharing >= {near_duplicate:.0%} of their 13-token runs) joined {joins} pairs "
+              "of groups", file=sys.stderr)
     members = {}
-    for doc_id in kept:
-        members.setdefault(groups[doc_id], []).append(doc_id)
+    for doc_id, group in zip(kept, kept_groups):
+        members.setdefault(group, []).append(doc_id)
     order = np.random.default_rng(seed).permutation(len(members))
     ends = np.cumsum([0] + [splits[s] for s in nla.SPLITS])
     bounds = np.round(ends / ends[-1] * len(kept)).astype(int)  # fractions within 1e-6 of 1 still place every document
@@ -286,6 +325,10 @@ def main(config):
                  f"for splits={splits}")
     if group_column:
         print(f"{len(members)} groups by '{group_column}', each one's documents in one split", file=sys.stderr)
+    in_training = set().union(*(r for doc_id, r in zip(kept, runs) if doc_split[doc_id] != 'val'))
+    shares = [len(r & in_training) / max(len(r), 1) for doc_id, r in zip(kept, runs) if doc_split[doc_id] == 'val']
+    print(f"val documents with at least half of their 13-token runs in training documents: "
+          f"{sum(x >= 0.5 for x in shares)} of {len(shares)}", file=sys.stderr)
 
     acts = activations(backbone, docs_ids, doc_positions, tokenizer.pad_token_id, batch_size, run_device)
     rows = [(doc_id, p, s) for doc_id, positions in zip(kept, doc_positions) for p in positions

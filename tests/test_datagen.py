@@ -138,11 +138,11 @@ def test_positions_skip_special_tokens():
     assert draw_positions(list(range(100)), special, doc_id=3, seed=1, positions_per_doc=5, min_position=50) == [97, 98, 99]
 
 
-def run_on_jsonl(monkeypatch, tiny_dir, tmp_path, docs):
+def run_on_jsonl(monkeypatch, tiny_dir, tmp_path, docs, *args):
     """datagen with the tiny Llama on a .jsonl corpus of these documents, into tmp_path/out; its meta.json."""
     corpus = tmp_path / 'c.jsonl'
     corpus.write_text(''.join(json.dumps({'text': d}) + '\n' for d in docs))
-    run_datagen(monkeypatch, f'--base_model={tiny_dir["llama"]}', f'--corpus={corpus}', f'--out_dir={tmp_path / "out"}')
+    run_datagen(monkeypatch, f'--base_model={tiny_dir["llama"]}', f'--corpus={corpus}', f'--out_dir={tmp_path / "out"}', *args)
     return json.load(open(tmp_path / 'out' / 'meta.json'))
 
 
@@ -184,6 +184,39 @@ def test_group_column_puts_each_group_in_one_split(tiny_dir, tmp_path, monkeypat
             split_of.setdefault(doc_id // 3, set()).add(s)
     assert len(split_of) == 40 and all(len(v) == 1 for v in split_of.values()), split_of
     assert set().union(*split_of.values()) == set(nla.SPLITS)
+
+
+def near_copies(n):
+    """n documents, each followed by a near copy of itself (its first word changed): documents 2k and 2k + 1."""
+    return [d for doc in synthetic_docs(n) for d in (doc, 'Meanwhile ' + doc.split(' ', 1)[1])]
+
+
+def test_near_duplicates_go_to_one_split(tiny_dir, tmp_path, monkeypatch):
+    meta = run_on_jsonl(monkeypatch, tiny_dir, tmp_path, near_copies(30))
+    split_of = {}  # pair -> the splits holding its documents (doc_id is the document's place in the corpus)
+    for s in nla.SPLITS:
+        for doc_id in read(tmp_path / 'out', s)['doc_id']:
+            split_of.setdefault(doc_id // 2, set()).add(s)
+    assert sum(meta['docs'].values()) == 60 and len(split_of) == 30
+    assert all(len(v) == 1 for v in split_of.values()), split_of
+
+
+def test_val_documents_mostly_in_training_are_counted(tiny_dir, tmp_path, monkeypatch, capsys):
+    """With near_duplicate off, a val document is mostly in training exactly when its near copy is in a training split."""
+    run_on_jsonl(monkeypatch, tiny_dir, tmp_path, near_copies(30), '--near_duplicate=0')
+    val = set(read(tmp_path / 'out', 'val')['doc_id'])
+    leaked = sum(doc_id ^ 1 not in val for doc_id in val)  # doc_id ^ 1: the other of its pair
+    assert 0 < leaked and f"in training documents: {leaked} of {len(val)}\n" in capsys.readouterr().err
+
+
+def test_join_near_duplicates_joins_groups_sharing_at_least_the_overlap():
+    a = list(range(100))
+    b = [7] + a[1:]  # one token changed: 87 of its 88 runs of 13 tokens are a's
+    c = a[:40] + list(range(1000, 1060))  # 28 of its 88 runs are a's: below half, above 0.3
+    d = list(range(2000, 2100))
+    runs = [datagen.token_runs(ids) for ids in (a, b, c, d)]
+    assert datagen.join_near_duplicates(runs, ['x', 'y', 'z', 'w'], 0.5) == (['x', 'x', 'z', 'w'], 1)
+    assert datagen.join_near_duplicates(runs, ['x', 'y', 'z', 'w'], 0.3) == (['x', 'x', 'x', 'w'], 2)
 
 
 @pytest.mark.parametrize('name, content, message', [
@@ -230,6 +263,7 @@ def test_refusal_on_the_command_line_is_one_line_without_traceback(tiny_dir, tmp
     (['--teacher=oracle'], "teacher must be"),
     (['--max_docs=2'], "got no document"),
     (['--max_docs=-5'], "max_docs must be >= 0"),
+    (['--near_duplicate=1.5'], "near_duplicate must be in [0, 1], got 1.5"),
     (['--batch_size=0'], "batch_size must be >= 1"),
     (['--device=gpu'], "device must be 'auto'"),
     (['--positions_per_doc=0'], "positions_per_doc must be >= 1"),
