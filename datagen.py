@@ -38,7 +38,7 @@ corpus = 'data/corpus.parquet'  # .parquet (a `text` column), .jsonl ({"text": .
 out_dir = 'data/smollm2_l20'
 max_docs = 0  # 0: every document of the corpus
 group_column = ''  # a corpus column (e.g. 'source': one book) whose documents all go to one split; '' = each alone
-near_duplicate = 0.5  # two documents whose tokens read share this share of their 13-token runs go to one split; 0: off
+near_duplicate = 0.5  # two documents sharing this fraction of the smaller one's 13-token runs (of the tokens read) go to one split; 0: off
 # positions
 layer = 20  # activation = output of block `layer` = hidden_states[layer + 1] (the last block's: before the final norm)
 positions_per_doc = 8
