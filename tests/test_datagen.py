@@ -190,6 +190,16 @@ def near_copies(n):
     return [d for doc in synthetic_docs(n) for d in (doc, 'Meanwhile ' + doc.split(' ', 1)[1])]
 
 
+def test_a_repeated_text_stays_in_its_first_group(tiny_dir, tmp_path, monkeypatch, capsys):
+    """Books A and B of 10 documents, then A's first text again as book C: in C it would make a third group."""
+    docs = synthetic_docs(20)
+    table = pa.table({'text': docs + docs[:1], 'source': ['A'] * 10 + ['B'] * 10 + ['C']})
+    pq.write_table(table, tmp_path / 'c.parquet')
+    run_datagen(monkeypatch, f'--base_model={tiny_dir["llama"]}', f'--corpus={tmp_path / "c.parquet"}',
+                f'--out_dir={tmp_path / "out"}', '--group_column=source', '--splits={"av_sft": 0.5, "ar_sft": 0, "rl": 0, "val": 0.5}')
+    assert "\n2 groups by 'source'" in capsys.readouterr().err
+
+
 def test_near_duplicates_go_to_one_split(tiny_dir, tmp_path, monkeypatch):
     meta = run_on_jsonl(monkeypatch, tiny_dir, tmp_path, near_copies(30))
     split_of = {}  # pair -> the splits holding its documents (doc_id is the document's place in the corpus)
