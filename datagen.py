@@ -165,8 +165,9 @@ def join_near_duplicates(runs, groups, overlap, holders_kept=8):
     holders, joins = {}, 0
     for i, mine in enumerate(runs):
         for j, shared in collections.Counter(j for run in mine for j in holders.get(run, ())).items():
-            if shared >= overlap * min(len(mine), len(runs[j])) and root(groups[i]) != root(groups[j]):
-                parent[root(groups[i])] = root(groups[j])
+            a, b = root(groups[i]), root(groups[j])
+            if a != b and shared >= overlap * min(len(mine), len(runs[j])):
+                parent[a] = b
                 joins += 1
         for run in mine:
             if len(holders.setdefault(run, [])) < holders_kept:
@@ -314,11 +315,12 @@ def main(config):
     order = np.random.default_rng(seed).permutation(len(members))
     ends = np.cumsum([0] + [splits[s] for s in nla.SPLITS])
     bounds = np.round(ends / ends[-1] * len(kept)).astype(int)  # fractions within 1e-6 of 1 still place every document
-    doc_split, start, group_lists = {}, 0, list(members.values())
+    group_docs = list(members.values())
+    doc_split, start = {}, 0
     for i in order:
         s = nla.SPLITS[np.searchsorted(bounds, start, side='right') - 1]
-        doc_split.update(dict.fromkeys(group_lists[i], s))
-        start += len(group_lists[i])
+        doc_split.update(dict.fromkeys(group_docs[i], s))
+        start += len(group_docs[i])
     for s in nla.SPLITS:
         if splits[s] > 0 and s not in doc_split.values():
             fail(f"split '{s}' got no document: {len(kept)} usable documents in {len(members)} groups are too few "
