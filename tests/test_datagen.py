@@ -44,6 +44,16 @@ def read(out, split):
     return pq.read_table(os.path.join(out, f'{split}.parquet')).to_pydict()
 
 
+def splits_by_block(out, size):
+    """Block -> the splits holding its documents, for a corpus laid out in blocks of `size` consecutive documents
+    (doc_id is a document's place in the corpus, so its block is doc_id // size)."""
+    split_of = {}
+    for s in nla.SPLITS:
+        for doc_id in read(out, s)['doc_id']:
+            split_of.setdefault(doc_id // size, set()).add(s)
+    return split_of
+
+
 def parquet_bytes(table):
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
@@ -177,10 +187,7 @@ def test_group_column_puts_each_group_in_one_split(tiny_dir, tmp_path, monkeypat
         corpus.write_text(''.join(json.dumps(row) + '\n' for row in table.to_pylist()))
     run_datagen(monkeypatch, f'--base_model={tiny_dir["llama"]}', f'--corpus={corpus}', f'--out_dir={tmp_path / "out"}',
                 '--group_column=source')
-    split_of = {}  # book -> the splits holding its documents (doc_id is the document's place in the corpus)
-    for s in nla.SPLITS:
-        for doc_id in read(tmp_path / 'out', s)['doc_id']:
-            split_of.setdefault(doc_id // 3, set()).add(s)
+    split_of = splits_by_block(tmp_path / 'out', 3)  # book -> its documents' splits
     assert len(split_of) == 40 and all(len(v) == 1 for v in split_of.values()), split_of
     assert set().union(*split_of.values()) == set(nla.SPLITS)
 
@@ -202,10 +209,7 @@ def test_a_repeated_text_stays_in_its_first_group(tiny_dir, tmp_path, monkeypatc
 
 def test_near_duplicates_go_to_one_split(tiny_dir, tmp_path, monkeypatch):
     meta = run_on_jsonl(monkeypatch, tiny_dir, tmp_path, near_copies(30))
-    split_of = {}  # pair -> the splits holding its documents (doc_id is the document's place in the corpus)
-    for s in nla.SPLITS:
-        for doc_id in read(tmp_path / 'out', s)['doc_id']:
-            split_of.setdefault(doc_id // 2, set()).add(s)
+    split_of = splits_by_block(tmp_path / 'out', 2)  # pair -> its documents' splits
     assert sum(meta['docs'].values()) == 60 and len(split_of) == 30
     assert all(len(v) == 1 for v in split_of.values()), split_of
 
