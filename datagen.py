@@ -145,7 +145,10 @@ def draw_positions(ids, special, doc_id, seed, positions_per_doc, min_position):
     return sorted(rng.choice(candidates, size=k, replace=False).tolist()) if k else []
 
 
-def token_runs(ids, n=13):
+RUN_TOKENS = 13  # the length of the token runs that near-duplicates and the val-overlap line compare
+
+
+def token_runs(ids, n=RUN_TOKENS):
     """The hashes of a document's runs of n tokens (a hash of ints is the same in every process, unlike a str's)."""
     return {hash(tuple(ids[i:i + n])) for i in range(len(ids) - n + 1)}
 
@@ -307,8 +310,8 @@ def main(config):
     kept_groups, runs = [groups[doc_id] for doc_id in kept], [token_runs(ids) for ids in docs_ids]
     if near_duplicate > 0:  # near-duplicates in two splits would leak as a repeated text would
         kept_groups, joins = join_near_duplicates(runs, kept_groups, near_duplicate)
-        print(f"near-duplicates (documents sharing >= {near_duplicate:.0%} of their 13-token runs) joined {joins} pairs "
-              "of groups", file=sys.stderr)
+        print(f"near-duplicates (documents sharing >= {near_duplicate:.0%} of their {RUN_TOKENS}-token runs) "
+              f"joined {joins} pairs of groups", file=sys.stderr)
     members = {}
     for doc_id, group in zip(kept, kept_groups):
         members.setdefault(group, []).append(doc_id)
@@ -329,7 +332,7 @@ def main(config):
         print(f"{len(members)} groups by '{group_column}', each one's documents in one split", file=sys.stderr)
     in_training = set().union(*(r for doc_id, r in zip(kept, runs) if doc_split[doc_id] != 'val'))
     shares = [len(r & in_training) / max(len(r), 1) for doc_id, r in zip(kept, runs) if doc_split[doc_id] == 'val']
-    print(f"val documents with at least half of their 13-token runs in training documents: "
+    print(f"val documents with at least half of their {RUN_TOKENS}-token runs in training documents: "
           f"{sum(x >= 0.5 for x in shares)} of {len(shares)}", file=sys.stderr)
 
     acts = activations(backbone, docs_ids, doc_positions, tokenizer.pad_token_id, batch_size, run_device)
