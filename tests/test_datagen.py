@@ -4,6 +4,7 @@ import json
 import os
 import re
 import threading
+import types
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -146,6 +147,18 @@ def test_positions_skip_special_tokens():
     from datagen import draw_positions
     special = set(range(50, 97))  # of the positions >= 50, only 97, 98 and 99 hold ordinary tokens
     assert draw_positions(list(range(100)), special, doc_id=3, seed=1, positions_per_doc=5, min_position=50) == [97, 98, 99]
+
+
+def test_progress_in_a_log_is_a_whole_line_every_30_seconds(capsys, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(datagen, 'time', types.SimpleNamespace(time=lambda: clock[0]))
+    monkeypatch.setattr(datagen, 'progress_printed', 0.0)
+    for done in range(1, 101):  # 100 updates a second apart; pytest's stderr is not a terminal
+        clock[0] += 1
+        datagen.progress(done, 100, 1000.0, 'docs')
+    assert capsys.readouterr().err.split('\n') == [
+        'docs 1/100 | 1.0/s | eta 99s', 'docs 31/100 | 1.0/s | eta 69s', 'docs 61/100 | 1.0/s | eta 39s',
+        'docs 91/100 | 1.0/s | eta 9s', 'docs 100/100 | 1.0/s | eta 0s', '']
 
 
 def run_on_jsonl(monkeypatch, tiny_dir, tmp_path, docs, *args):
