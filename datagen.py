@@ -71,19 +71,19 @@ def fail(msg):
     raise SystemExit(f"datagen: {msg}")
 
 
-progress_printed = 0.0  # when progress() last wrote a line to a log
+_progress_printed = 0.0  # when progress() last wrote a line to a log
 
 
 def progress(done, total, t0, what):
     """The rate and ETA: on a terminal one self-overwriting line; in a log a line every 30 s and at the end."""
-    global progress_printed
+    global _progress_printed
     rate = done / max(time.time() - t0, 1e-9)
     eta = (total - done) / rate if rate > 0 else 0
     line = f"{what} {done}/{total} | {rate:.1f}/s | eta {eta:.0f}s"
     if sys.stderr.isatty():
         print(f"\r{line} ", end='\n' if done == total else '', file=sys.stderr, flush=True)
-    elif done == total or time.time() - progress_printed >= 30:
-        progress_printed = time.time()
+    elif done == total or time.time() - _progress_printed >= 30:
+        _progress_printed = time.time()
         print(line, file=sys.stderr, flush=True)
 
 

@@ -1,4 +1,5 @@
 """datagen.py: positions, activations, splits, teachers, meta.json, and refusal of bad input; the readers of its files."""
+import ast
 import http.server
 import json
 import os
@@ -149,10 +150,18 @@ def test_positions_skip_special_tokens():
     assert draw_positions(list(range(100)), special, doc_id=3, seed=1, positions_per_doc=5, min_position=50) == [97, 98, 99]
 
 
+def test_config_is_the_block_between_the_rules():
+    """configure() takes datagen's lower-case globals of config types: any such global outside the config block
+    would be a key that --key=value could set."""
+    block = open(os.path.join(ROOT, 'datagen.py')).read().split('\n# ' + '-' * 77 + '\n')[1]
+    names = {t.id for node in ast.parse(block).body if isinstance(node, ast.Assign) for t in node.targets}
+    assert set(configurator.configure(dict(vars(datagen)), [])) == names
+
+
 def test_progress_in_a_log_is_a_whole_line_every_30_seconds(capsys, monkeypatch):
     clock = [1000.0]
     monkeypatch.setattr(datagen, 'time', types.SimpleNamespace(time=lambda: clock[0]))
-    monkeypatch.setattr(datagen, 'progress_printed', 0.0)
+    monkeypatch.setattr(datagen, '_progress_printed', 0.0)
     for done in range(1, 101):  # 100 updates a second apart; pytest's stderr is not a terminal
         clock[0] += 1
         datagen.progress(done, 100, 1000.0, 'docs')
