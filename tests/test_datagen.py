@@ -7,6 +7,7 @@ import re
 import threading
 import types
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -93,6 +94,13 @@ def test_writes_four_splits_and_meta(tiny_data, tiny_dir):
         assert str(t.schema.field('activation').type) == 'fixed_size_list<element: float>[64]'
         assert {'doc_id', 'position', 'context', 'activation', 'explanation'} <= set(t.column_names)
     assert not [f for f in os.listdir(tiny_data) if f.startswith('.tmp')]
+
+
+def test_alpha_is_the_75th_percentile_of_activation_norms(tiny_data):
+    meta = json.load(open(os.path.join(tiny_data, 'meta.json')))
+    norms = np.linalg.norm(np.concatenate([np.array(read(tiny_data, s)['activation'], np.float32) for s in nla.SPLITS]), axis=1)
+    want = {f'q{q:02d}': np.percentile(norms, q) for q in (5, 25, 50, 75, 95)}
+    assert meta['norm_quantiles'] == pytest.approx(want, rel=1e-6) and meta['alpha'] == meta['norm_quantiles']['q75']
 
 
 def test_splits_are_document_disjoint(tiny_data):

@@ -33,7 +33,8 @@ def test_lora_wraps_every_attention_and_mlp_linear(tiny_dir, family):
     names = {name.rsplit('.', 1)[1] for name, _ in nla.lora_layers(model)}
     assert names == {'q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'}
     assert len(nla.lora_layers(model)) == 7 * model.config.num_hidden_layers
-    assert all('lora_' in n for n, p in model.named_parameters() if p.requires_grad)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 2 * len(nla.lora_layers(model)) and all('lora_' in n for n in trainable)
 
 
 def test_fresh_lora_equals_base_exactly(tiny_dir, family):
@@ -160,6 +161,7 @@ def test_reconstructor_full_or_lora_trainables(tiny_dir):
     lora = nla.load_reconstructor(tiny_dir['llama'], 1, 'float32', lora_rank=4)
     names = [n for n, p in lora.named_parameters() if p.requires_grad]
     assert 'head.weight' in names and all('lora_' in n for n in names if n != 'head.weight')
+    assert len(names) == 2 * len(nla.lora_layers(lora)) + 1 > 1
 
 
 def test_blocks_are_the_language_model_s_beside_a_vision_tower_as_deep(tiny_dir):
@@ -354,7 +356,8 @@ def test_frozen_adapter_survives_bf16(tiny_dir):
         layer.lora_B.fill_(1e-5)
     want = layer.scale * layer.lora_B @ layer.lora_A
     nla.freeze_lora_(model)
-    torch.testing.assert_close(layer.ref_B @ layer.ref_A, want)
+    assert layer.ref_A.dtype == layer.ref_B.dtype == torch.float32
+    torch.testing.assert_close(layer.ref_B @ layer.ref_A, want, rtol=1e-5, atol=0)  # entries of at most 1e-5: no absolute slack
     assert torch.equal(layer.base.weight, nla.load_lm(tiny_dir['llama'], 'bfloat16').model.layers[0].self_attn.q_proj.weight)
 
 
