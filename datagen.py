@@ -16,6 +16,7 @@ import collections
 import hashlib
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -219,7 +220,13 @@ def api_call(context, api_key):
     for attempt in range(api_retries + 1):
         try:
             with urllib.request.urlopen(request, timeout=120) as response:
-                text = json.loads(response.read())['choices'][0]['message']['content']
+                answer = response.read()
+            try:
+                text = json.loads(answer)['choices'][0]['message']['content']
+            except (ValueError, KeyError, IndexError, TypeError):
+                text = None
+            if not isinstance(text, str):
+                fail(f"teacher api: {api_base_url} answered with no chat completion text: {answer[:200]!r}")
             return text if nla.extract_explanation(text) is not None else f"<explanation>{text.strip()}</explanation>"
         except urllib.error.HTTPError as e:
             if e.code != 429 and e.code < 500 or attempt == api_retries:
@@ -265,8 +272,11 @@ def api_explanations(contexts, cache_path):
 
 def main(config):
     numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in splits.values())
-    if set(splits) != set(nla.SPLITS) or not numbers or min(splits.values()) < 0 or abs(sum(splits.values()) - 1) > 1e-6:
+    fractions = numbers and all(v >= 0 for v in splits.values()) and abs(sum(splits.values()) - 1) <= 1e-6  # NaN fails
+    if set(splits) != set(nla.SPLITS) or not fractions:
         fail(f"splits must give fractions of {nla.SPLITS} summing to 1, got {splits}")
+    if not 0 <= seed < 2**32:  # numpy's seeds
+        fail(f"seed must be in [0, 2**32), got {seed}")
     for name, low in (('batch_size', 1), ('positions_per_doc', 1), ('max_docs', 0), ('min_position', 0),
                       ('api_concurrency', 1), ('api_retries', 0)):
         if config[name] < low:
@@ -275,12 +285,16 @@ def main(config):
         fail(f"near_duplicate must be in [0, 1], got {near_duplicate}")
     if min_position >= max_length:
         fail(f"min_position={min_position} must be below max_length={max_length}, or no document has a position")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        fail(f"out_dir '{out_dir}' is a file, not a folder")
+    try:
+        nla.check_out_dir(out_dir)
+    except ValueError as e:
+        fail(str(e))
     if teacher not in ('context', 'api'):
         fail(f"teacher must be 'context' or 'api', got '{teacher}'")
     if teacher == 'api' and not os.environ.get(api_key_env):
         fail(f"teacher='api' needs the key in the environment variable {api_key_env}, which is not set")
+    if teacher == 'api' and not api_base_url.startswith(('http://', 'https://')):
+        fail(f"api_base_url must start with http:// or https://, got '{api_base_url}'")
     try:  # a bad device, a missing model, a bad marker or layer fails here, before the corpus is read
         run_device = nla.resolve_device(device)
         tokenizer = nla.load_tokenizer(base_model)
@@ -400,4 +414,10 @@ def main(config):
 if __name__ == '__main__':
     config = configurator.configure(globals())
     print(json.dumps(config))
-    main(config)
+    signal.signal(signal.SIGTERM, lambda *_: fail("stopped by SIGTERM"))  # so the temporary files are removed
+    made_out_dir = not os.path.exists(out_dir)
+    try:
+        main(config)
+    finally:
+        if made_out_dir and os.path.isdir(out_dir) and not os.listdir(out_dir):
+            os.rmdir(out_dir)  # a run stopped before writing anything leaves no empty folder

@@ -11,6 +11,7 @@ An activation h is the output of decoder block K (HF's hidden_states[K+1]) at on
       then a d x d linear head that starts as the identity.
 Every stage calls the formulas here (inject, response_logprobs, normalize, mse, reward, fve) and nowhere else.
 """
+import glob
 import hashlib
 import json
 import math
@@ -21,6 +22,7 @@ import tempfile
 from contextlib import contextmanager
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn as nn
@@ -65,6 +67,8 @@ def resolve_device(name):
 
 
 def load_tokenizer(name):
+    if os.path.isdir(name) and not os.path.isfile(os.path.join(name, 'config.json')):
+        raise ValueError(f"base_model '{name}' is a folder without config.json, not a model folder")
     try:
         tok = AutoTokenizer.from_pretrained(name)
     except OSError as e:
@@ -475,13 +479,30 @@ def read_meta(path, needs=(), data_meta=None):
 # the data: datagen.py writes it, train.py reads it; both sides of the contract are here
 
 
+def check_out_dir(path):
+    """An out_dir that is a folder or can be made one, checked before the work (nothing is created here)."""
+    if not path:
+        raise ValueError("out_dir is empty")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"out_dir '{path}' is a file, not a folder")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"out_dir '{path}' cannot be made: '{parent}' is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"out_dir '{path}' cannot be made or written: no write permission in '{parent}'")
+
+
 def write_data(out_dir, tables, meta):
     """Each split's table as out_dir/{split}.parquet, and meta.json with a data_id: a hash of the parquets and of
     meta but its `config` (which names out_dir), so a run can tell when its data changed. Every file goes to a
     temporary folder first, then is renamed into place, meta.json last and after the old one is gone: readers never
     see new parquets described by an old meta. Returns the data_id."""
     os.makedirs(out_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix='.tmp-', dir=out_dir)  # a unique name: one a killed run left behind is no obstacle
+    for old in glob.glob(os.path.join(out_dir, '.tmp-*')):  # what a run killed while writing left behind
+        shutil.rmtree(old, ignore_errors=True)
+    tmp = tempfile.mkdtemp(prefix='.tmp-', dir=out_dir)
     try:
         digest = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != 'config'}, sort_keys=True).encode())
         for split, table in tables.items():
@@ -555,5 +576,8 @@ def read_split(data_dir, split, d_model):
     bad = torch.nonzero(~torch.isfinite(acts).all(1) | (acts == 0).all(1)).flatten()
     if len(bad):
         raise ValueError(f"{path}: row {bad[0].item()} has a NaN, inf or all-zero activation")
+    for name in ('context', 'explanation'):
+        if not pa.types.is_string(table.column(name).type) and not pa.types.is_large_string(table.column(name).type):
+            raise ValueError(f"{path}: column {name} must hold text, got {table.column(name).type}")
     return {'acts': acts, 'context': table.column('context').to_pylist(),
             'explanation': table.column('explanation').to_pylist()}

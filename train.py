@@ -821,7 +821,7 @@ def check_config():
                  'length_penalty', 'length_slack', 'kl_coef'):
         if globals()[name] < 0:
             fail(f"{name} must not be negative, got {globals()[name]}")
-    for name in ('grad_clip', 'max_logprob_diff', 'logratio_clamp'):
+    for name in ('grad_clip', 'max_logprob_diff', 'logratio_clamp', 'lora_alpha'):
         if globals()[name] <= 0:
             fail(f"{name} must be positive, got {globals()[name]}")
     if not 0 <= seed < 2**32:  # numpy's seeds
@@ -835,8 +835,7 @@ def check_config():
         fail("stage 'rl' needs max_steps > 0")
     if stage in ('rl', 'eval') and (not init_av or not init_ar):
         fail(f"stage '{stage}' needs init_av and init_ar (the sft_av and sft_ar out_dirs)")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        fail(f"out_dir {out_dir} is a file")
+    checked(nla.check_out_dir, out_dir)
     has_ckpt = os.path.isfile(os.path.join(out_dir, 'ckpt.pt'))
     if resume and not has_ckpt:
         fail(f"resume=True but {os.path.join(out_dir, 'ckpt.pt')} does not exist")

@@ -365,6 +365,32 @@ def test_out_dir_that_is_a_file_fails_first(tiny_dir, tmp_path, monkeypatch):
     assert f"out_dir '{out}' is a file" in line and out.read_text() == 'keep me'
 
 
+def test_out_dir_that_cannot_be_made_fails_first(tiny_dir, tmp_path, monkeypatch):
+    (tmp_path / 'f').write_text('keep me')
+    no_model_load(monkeypatch)
+    line = refusal(monkeypatch, f'--base_model={tiny_dir["llama"]}', f'--corpus={tiny_dir["corpus"]}', f'--out_dir={tmp_path / "f" / "out"}')
+    assert f"cannot be made: '{tmp_path / 'f'}' is a file" in line and os.listdir(tmp_path) == ['f']
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--seed=-1'], 'seed must be in [0, 2**32), got -1'),
+    (['--teacher=api', '--api_base_url=api.example.com/v1'], "api_base_url must start with http:// or https://"),
+])
+def test_settings_refused_before_any_work(tiny_dir, tmp_path, monkeypatch, args, message):
+    monkeypatch.setenv('OPENAI_API_KEY', 'test-key')
+    no_model_load(monkeypatch)
+    line = refusal(monkeypatch, f'--base_model={tiny_dir["llama"]}', f'--corpus={tiny_dir["corpus"]}', f'--out_dir={tmp_path / "out"}', *args)
+    assert message in line and not (tmp_path / 'out').exists()
+
+
+def test_splits_with_a_nan_fraction_are_refused(tiny_dir, tmp_path, monkeypatch):
+    config = tmp_path / 'nan_splits.py'
+    config.write_text("splits = {'av_sft': 0.3, 'ar_sft': 0.3, 'rl': 0.3, 'val': float('nan')}\n")
+    no_model_load(monkeypatch)
+    line = refusal(monkeypatch, config, f'--base_model={tiny_dir["llama"]}', f'--corpus={tiny_dir["corpus"]}', f'--out_dir={tmp_path / "out"}')
+    assert 'splits must give fractions' in line
+
+
 def test_empty_corpus(tiny_dir, tmp_path, monkeypatch):
     corpus = tmp_path / 'empty.parquet'
     pq.write_table(pa.table({'text': pa.array([], pa.string())}), corpus)
@@ -476,6 +502,28 @@ def test_api_cache_line_that_is_not_json_is_named(tiny_dir, tmp_path, teacher_ur
     last = refusal(monkeypatch, *api_args(tiny_dir, tmp_path / 'out', teacher_url))
     assert f"teacher cache '{cache}' line 2 is not a cache entry: delete that line or the file" in last
 
+
+class NotATeacher(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.send_response(200)  # a web page, as a wrong api_base_url would give
+        self.end_headers()
+        self.wfile.write(b'<html>hello</html>')
+
+    def log_message(self, *args):
+        pass
+
+
+def test_an_answer_that_is_not_a_chat_completion_is_one_line_and_leaves_no_folder(tiny_dir, tmp_path):
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), NotATeacher)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        p = run_script('datagen.py', 'config/datagen_tiny.py', *api_args(tiny_dir, tmp_path / 'out', f'http://127.0.0.1:{server.server_port}/v1'),
+                       ok=False, env={'OPENAI_API_KEY': 'test-key'})
+    finally:
+        server.shutdown()
+    assert "answered with no chat completion text: b'<html>hello</html>'" in p.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / 'out').exists()  # made for the teacher's cache, empty, and removed
+
 # -----------------------------------------------------------------------------
 # what train.py reads: nla.read_data_meta and nla.read_split
 
@@ -492,10 +540,11 @@ def test_data_id_is_a_hash_of_the_splits_and_meta(tmp_path):
     assert ids[0] == ids[1] and len({ids[0], ids[2], ids[3]}) == 3
 
 
-def test_write_data_is_not_stopped_by_a_killed_runs_temporary_folder(tmp_path):
-    (tmp_path / 'out' / f'.tmp-{os.getpid()}').mkdir(parents=True)  # what a killed run with this pid left behind
+def test_write_data_removes_a_killed_runs_temporary_folder(tmp_path):
+    (tmp_path / 'out' / '.tmp-k1ll3d').mkdir(parents=True)  # what a run killed while writing left behind
+    (tmp_path / 'out' / '.tmp-k1ll3d' / 'val.parquet').write_text('half')
     nla.write_data(str(tmp_path / 'out'), {'val': pa.table({'x': [1.0]})}, {'config': {}})
-    assert (tmp_path / 'out' / 'meta.json').is_file() and (tmp_path / 'out' / 'val.parquet').is_file()
+    assert sorted(os.listdir(tmp_path / 'out')) == ['meta.json', 'val.parquet']
 
 
 @pytest.mark.parametrize('meta_edit, message', [
@@ -526,6 +575,8 @@ def test_read_data_meta_refuses(tiny_dir, tiny_data, tmp_path, meta_edit, messag
     (null_first('activation'), 'column activation has 1 empty (null) rows'),
     (null_first('context'), 'column context has 1 empty (null) rows'),
     (null_inside_first_activation, 'column activation has 1 null values inside its rows'),
+    (lambda t: t.set_column(t.column_names.index('explanation'), 'explanation', pa.array(range(t.num_rows))),
+     'column explanation must hold text, got int64'),
 ])
 def test_read_split_refuses(tiny_data, tmp_path, val, message):
     data = broken_copy(tiny_data, tmp_path, val=val)

@@ -1,5 +1,6 @@
 """nla.py: LoRA, injection, the reconstructor, the metrics and save/load, on tiny random models (its data readers: test_datagen.py)."""
 import math
+import os
 import re
 
 import pytest
@@ -380,3 +381,18 @@ def test_pad_right_masks_by_position_not_by_id():
     ids, mask = nla.pad_right([[4, 2], [7, 8, 9, 2]], pad_id=2, device='cpu')
     assert ids.tolist() == [[4, 2, 2, 2], [7, 8, 9, 2]]
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+
+
+def test_check_out_dir_refuses_what_cannot_be_made_and_creates_nothing(tmp_path):
+    (tmp_path / 'f').write_text('x')
+    for path, message in (('', 'out_dir is empty'), (tmp_path / 'f', 'is a file, not a folder'),
+                          (tmp_path / 'f' / 'sub', f"cannot be made: '{tmp_path / 'f'}' is a file")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            nla.check_out_dir(str(path))
+    nla.check_out_dir(str(tmp_path / 'a' / 'b'))  # can be made: passes, and makes nothing
+    assert os.listdir(tmp_path) == ['f']
+
+
+def test_load_tokenizer_names_a_folder_that_is_not_a_model(tiny_data):
+    with pytest.raises(ValueError, match=re.escape(f"base_model '{tiny_data}' is a folder without config.json")):
+        nla.load_tokenizer(tiny_data)

@@ -418,6 +418,8 @@ def test_eval_shards_are_equal_and_contiguous(monkeypatch):
     ({'resume': True}, 'resume=True but'),
     ({'seed': -1}, 'seed must be in'),
     ({'logratio_clamp': 0.0}, 'logratio_clamp must be positive'),
+    ({'lora_alpha': 0.0}, 'lora_alpha must be positive'),
+    ({'out_dir': ''}, 'out_dir is empty'),
     ({'length_slack': -1}, 'length_slack must not be negative'),
     ({'rollout': 'vllm', 'stage': 'eval', 'init_av': 'a', 'init_ar': 'b'}, 'pip install vllm==0.26.0'),
     ({'wandb_log': True}, 'pip install wandb'),
