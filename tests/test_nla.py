@@ -2,6 +2,7 @@
 import math
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -207,6 +208,7 @@ def test_a_tokenizer_without_an_end_token_is_refused(tiny_dir, tmp_path):
     tok = nla.load_tokenizer(tiny_dir['llama'])
     tok.eos_token = tok.pad_token = None
     tok.save_pretrained(tmp_path)
+    shutil.copy(os.path.join(tiny_dir['llama'], 'config.json'), tmp_path)  # a model folder, but for its tokenizer
     with pytest.raises(ValueError, match='its tokenizer has no end-of-sequence token'):
         nla.load_tokenizer(str(tmp_path))
 
