@@ -115,7 +115,7 @@ def read_corpus(path, group_column=''):
             groups = table.column(group_column).to_pylist() if group_column else list(range(len(docs)))
         elif path.endswith('.jsonl'):
             docs, groups = [], []
-            with open(path, encoding='utf-8') as f:
+            with open(path, encoding='utf-8-sig') as f:  # -sig: a leading byte-order mark is not text
                 for n, line in enumerate(f, 1):
                     try:
                         obj = json.loads(line) if line.strip() else {'text': None, group_column: None}
@@ -127,7 +127,7 @@ def read_corpus(path, group_column=''):
         elif path.endswith('.txt'):
             if group_column:
                 fail(f"corpus '{path}' is a .txt, which has no columns: group_column must be ''")
-            with open(path, encoding='utf-8') as f:
+            with open(path, encoding='utf-8-sig') as f:
                 docs = f.read().split('\n\n')
             groups = list(range(len(docs)))
         else:
@@ -140,6 +140,8 @@ def read_corpus(path, group_column=''):
     keep = [i for i, d in enumerate(docs) if d and d.strip()]
     if not keep:
         fail(f"corpus '{path}' has no documents")
+    if len(keep) < len(docs):
+        print(f"corpus: {len(docs) - len(keep)} empty or null texts skipped", file=sys.stderr)
     missing = [i for i in keep if groups[i] is None]
     if missing:
         fail(f"corpus '{path}': document {missing[0]} has no '{group_column}' (group_column; {len(missing)} such)")

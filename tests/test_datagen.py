@@ -191,6 +191,21 @@ def test_short_documents_are_skipped_and_counted(tiny_dir, tmp_path, monkeypatch
     assert run_on_jsonl(monkeypatch, tiny_dir, tmp_path, docs)['docs_skipped'] == 3
 
 
+def test_a_jsonl_corpus_may_start_with_a_byte_order_mark(tiny_dir, tmp_path, monkeypatch):
+    corpus = tmp_path / 'c.jsonl'
+    corpus.write_text('\ufeff' + ''.join(json.dumps({'text': d}) + '\n' for d in synthetic_docs(30)), encoding='utf-8')
+    run_datagen(monkeypatch, f'--base_model={tiny_dir["llama"]}', f'--corpus={corpus}', f'--out_dir={tmp_path / "out"}')
+    assert sum(json.load(open(tmp_path / 'out' / 'meta.json'))['docs'].values()) == 30
+
+
+def test_empty_and_null_texts_are_skipped_and_counted(tiny_dir, tmp_path, monkeypatch, capsys):
+    corpus = tmp_path / 'c.parquet'
+    pq.write_table(pa.table({'text': synthetic_docs(30) + [None, '', '  \n']}), corpus)
+    run_datagen(monkeypatch, f'--base_model={tiny_dir["llama"]}', f'--corpus={corpus}', f'--out_dir={tmp_path / "out"}')
+    assert 'corpus: 3 empty or null texts skipped' in capsys.readouterr().err
+    assert sum(json.load(open(tmp_path / 'out' / 'meta.json'))['docs'].values()) == 30
+
+
 def test_repeated_texts_are_one_document(tiny_dir, tmp_path, monkeypatch):
     docs = synthetic_docs(30)
     meta = run_on_jsonl(monkeypatch, tiny_dir, tmp_path, docs + docs[:6])
