@@ -43,7 +43,8 @@ def configure(script_globals, argv=None):
     for arg in argv:
         if not arg.startswith('--'):
             if not os.path.isfile(arg):
-                _fail(f"config file '{arg}' not found")
+                hint = f" (a setting is written --{arg})" if '=' in arg else ''
+                _fail(f"config file '{arg}' not found{hint}")
             namespace = dict(config)
             try:
                 with open(arg) as f:

@@ -31,6 +31,7 @@ def test_int_for_float_is_fine():
     (['--lr=1e999'], "'lr' in the command line must be a finite number"),
     (['--lr=' + '9' * 400], "'lr' in the command line must be a finite number"),
     (['missing.py'], "config file 'missing.py' not found"),
+    (['lr=0.1'], "config file 'lr=0.1' not found (a setting is written --lr=0.1)"),
 ])
 def test_bad_arguments_stop_with_one_line(argv, message):
     with pytest.raises(SystemExit) as e:
