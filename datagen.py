@@ -287,17 +287,14 @@ def main(config):
         fail(f"near_duplicate must be in [0, 1], got {near_duplicate}")
     if min_position >= max_length:
         fail(f"min_position={min_position} must be below max_length={max_length}, or no document has a position")
-    try:
-        nla.check_out_dir(out_dir)
-    except ValueError as e:
-        fail(str(e))
     if teacher not in ('context', 'api'):
         fail(f"teacher must be 'context' or 'api', got '{teacher}'")
     if teacher == 'api' and not os.environ.get(api_key_env):
         fail(f"teacher='api' needs the key in the environment variable {api_key_env}, which is not set")
     if teacher == 'api' and not api_base_url.startswith(('http://', 'https://')):
         fail(f"api_base_url must start with http:// or https://, got '{api_base_url}'")
-    try:  # a bad device, a missing model, a bad marker or layer fails here, before the corpus is read
+    try:  # an out_dir that cannot be made, a bad device, a missing model, a bad marker or layer fails here, before any work
+        nla.check_out_dir(out_dir)
         run_device = nla.resolve_device(device)
         tokenizer = nla.load_tokenizer(base_model)
         signature = nla.model_signature(base_model)
