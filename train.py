@@ -23,6 +23,7 @@ import math
 import os
 import pickle
 import random
+import signal
 import sys
 import time
 import types
@@ -603,7 +604,8 @@ def print_examples(examples):
 
 def run_loop(run, total, update, evaluate_fn):
     """Steps run.step..total: evaluate every eval_interval and at the end, checkpoint every
-    ckpt_interval and at the end, stop the run after max_bad_steps non-finite steps in a row."""
+    ckpt_interval and at the end, stop the run after max_bad_steps non-finite steps in a row, and
+    after a SIGTERM (run.stop) stop at the end of the step under way, saving it first."""
     start, t_start = run.step, time.time()
     while True:
         step = run.step
@@ -612,10 +614,14 @@ def run_loop(run, total, update, evaluate_fn):
             print0(f"eval {step:05d} | {fmt(record)}")
             print_examples(examples)
             log(run, record)
-        if step > start and (step % ckpt_interval == 0 or step == total):
+        stop = global_sum([run.stop], run.dev).item() > 0  # every rank stops at the same step
+        if step > start and (step % ckpt_interval == 0 or step == total or stop):
             save_checkpoint(run)
         if step >= total:
             return
+        if stop:
+            saved = f": saved in {out_dir}/ckpt.pt, --resume=True continues" if step > start else ""
+            fail(f"stopped by SIGTERM at step {step}{saved}")
         t0 = time.time()
         record = update(step)
         run.step += 1
@@ -910,6 +916,8 @@ def main(config):
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name or None, config=config)
         run.wandb_log = wandb.log
+    run.stop = False  # a SIGTERM (timeout, a scheduler's preemption, torchrun passing one on) asks run_loop to stop
+    signal.signal(signal.SIGTERM, lambda *_: setattr(run, 'stop', True))
     {'sft_av': sft_av, 'sft_ar': sft_ar, 'rl': rl, 'eval': eval_stage}[stage](run)
 
 

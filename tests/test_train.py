@@ -4,7 +4,11 @@ import json
 import math
 import os
 import shutil
+import signal
 import statistics
+import subprocess
+import sys
+import time
 import types
 
 import pytest
@@ -14,7 +18,7 @@ from safetensors.torch import load_file
 
 import nla
 import train
-from conftest import broken_copy, read_log, run_script, tiny_gpt2, zero_first_activation
+from conftest import ROOT, broken_copy, read_log, run_script, tiny_gpt2, zero_first_activation
 
 RL_ARGS = ['--stage=rl', '--max_new_tokens=64', '--length_slack=8', '--min_lr_frac=1.0', '--lr=1e-3', '--ar_lr=1e-3']
 
@@ -87,6 +91,27 @@ def test_resume_ends_in_the_same_state(tiny_dir, tiny_data, sft_runs, tmp_path):
     p = run_script('train.py', *common, f'--out_dir={tmp_path / "b"}', '--max_steps=3', '--resume=True', ok=False)
     assert "past this run's last step, 3" in p.stderr.strip().splitlines()[-1]
     assert (tmp_path / 'b' / 'config.json').read_text() == config
+
+
+def test_sigterm_ends_the_step_under_way_saves_it_and_a_resume_goes_on(tiny_dir, tiny_data, sft_runs, tmp_path):
+    """A SIGTERM (timeout, preemption) mid-run loses no finished step: the last logged step is in ckpt.pt."""
+    out = tmp_path / 'rl'
+    common = [*base_args(tiny_dir, tiny_data), *RL_ARGS, f'--init_av={sft_runs["av"]}', f'--init_ar={sft_runs["ar"]}',
+              f'--out_dir={out}', '--eval_interval=1000', '--ckpt_interval=1000']
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), *common, '--max_steps=1000'], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / 'log.jsonl').exists() or not read_log(out, 'rl'):  # its first step is done
+        assert p.poll() is None and time.time() < deadline, p.stderr.read() if p.poll() is not None else 'no step in 300 s'
+        time.sleep(0.1)
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=300)[1]
+    steps = [r['step'] for r in read_log(out, 'rl')]
+    assert p.returncode != 0 and 'Traceback' not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == f"train: stopped by SIGTERM at step {steps[-1]}: saved in {out}/ckpt.pt, --resume=True continues"
+    assert torch.load(out / 'ckpt.pt', weights_only=False)['step'] == steps[-1]
+    run_script('train.py', *common, f'--max_steps={steps[-1] + 1}', '--resume=True')
+    assert [r['step'] for r in read_log(out, 'rl')] == list(range(1, steps[-1] + 2))
 
 
 def rl_steps(tiny_dir, root, steps, *args, ok=True):
@@ -439,7 +464,7 @@ def test_log_interval_logs_the_steps_it_names(monkeypatch):
     monkeypatch.setattr(train, 'log_interval', 2)
     monkeypatch.setattr(train, 'save_checkpoint', lambda run: None)
     monkeypatch.setattr(train, 'log', lambda run, record: logged.append((record['stage'], record['step'])))
-    run = types.SimpleNamespace(step=0, bad_steps=0, skipped=0)
+    run = types.SimpleNamespace(step=0, bad_steps=0, skipped=0, stop=False, dev='cpu')
     train.run_loop(run, 5, lambda step: {'ok': True}, lambda step: ({'stage': 'eval', 'step': step}, []))
     assert [s for stage, s in logged if stage != 'eval'] == [2, 4, 5]
 
