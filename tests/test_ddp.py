@@ -1,8 +1,10 @@
 """Data parallelism: torchrun --nproc_per_node=2 on the CPU (gloo) against one process over the same
 global batch. Each rank checks at every checkpoint that all ranks hold the same weights."""
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -53,6 +55,25 @@ def test_two_ranks_equal_one_process(tiny_dir, tiny_data, sft_runs, tmp_path, st
     init = load_file(os.path.join(sft_runs['ar'], 'ar.safetensors')) if stage == 'rl' else None
     if init is not None:  # the step really moved the AR
         assert not torch.equal(init['head.weight'], load_file(tmp_path / 'two' / 'ar.safetensors')['head.weight'])
+
+
+def test_a_sigterm_to_one_rank_stops_every_rank_at_the_same_saved_step(tiny_dir, tiny_data, tmp_path):
+    """The ranks agree on a stop: a rank stopping alone would leave the others waiting in the next collective."""
+    out = tmp_path / 'run'
+    p = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                          os.path.join(ROOT, 'train.py'), *common(tiny_dir, tiny_data), '--stage=sft_ar', '--max_steps=100000',
+                          f'--out_dir={out}'], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    while not (out / 'log.jsonl').exists() or not read_log(out, 'sft_ar'):
+        assert p.poll() is None, p.stderr.read()
+        time.sleep(0.1)
+    ranks = open(f'/proc/{p.pid}/task/{p.pid}/children').read().split()
+    assert len(ranks) == 2, ranks
+    os.kill(int(ranks[1]), signal.SIGTERM)
+    err = p.communicate(timeout=300)[1]
+    step = torch.load(out / 'ckpt.pt', weights_only=False)['step']
+    assert p.returncode != 0 and err.count(f"train: stopped by SIGTERM at step {step}: saved in") == 2, err[-3000:]
+    assert read_log(out, 'sft_ar')[-1]['step'] == step
 
 
 def test_batch_must_divide_by_ranks(tiny_dir, tiny_data, tmp_path):
