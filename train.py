@@ -511,7 +511,7 @@ def save_checkpoint(run):
     if run.ar_opt is not None:
         nla.save_weights(os.path.join(out_dir, 'ar.safetensors'), nla.trainable_state(run.ar),
                          {**run.ar_meta, **meta, 'ar_max_tokens': ar_max_tokens})
-    ckpt = {'step': run.step, 'cursor': run.cursor, 'bad_steps': run.bad_steps, 'skipped': run.skipped, 'config': run.config,
+    ckpt = {'step': run.step, 'eval_step': run.eval_step, 'cursor': run.cursor, 'bad_steps': run.bad_steps, 'skipped': run.skipped, 'config': run.config,
             'data_id': run.meta['data_id'], 'av_frozen': run.av_frozen, 'lora': lora_settings(run),
             'av': None if run.av_opt is None else nla.trainable_state(run.av),
             'ar': None if run.ar_opt is None else nla.trainable_state(run.ar),
@@ -567,6 +567,7 @@ def load_checkpoint(run):
             checked(nla.load_trainable, model, ckpt[key], path)
             opt.load_state_dict(ckpt[f"{key}_opt"])
     run.step, run.cursor, run.bad_steps, run.skipped = ckpt['step'], ckpt['cursor'], ckpt['bad_steps'], ckpt['skipped']
+    run.eval_step = ckpt.get('eval_step', run.step)  # older checkpoints were saved after their step's eval
     torch.set_rng_state(ckpt['rng']['torch'])
     np.random.set_state(ckpt['rng']['numpy'])
     random.setstate(ckpt['rng']['python'])
@@ -604,24 +605,36 @@ def print_examples(examples):
 
 def run_loop(run, total, update, evaluate_fn):
     """Steps run.step..total: evaluate every eval_interval and at the end, checkpoint every
-    ckpt_interval and at the end, stop the run after max_bad_steps non-finite steps in a row, and
-    after a SIGTERM (run.stop) stop at the end of the step under way, saving it first."""
+    ckpt_interval and at the end, stop the run after max_bad_steps non-finite steps in a row.
+    A SIGTERM (run.stop) is heeded before each eval and each step: the steps made are saved, then the run ends."""
     start, t_start = run.step, time.time()
+
+    def stop_if_asked(saved):
+        if global_sum([run.stop], run.dev).item() == 0:  # summed, so that every rank stops at the same place
+            return
+        if run.step > start and not saved:
+            save_checkpoint(run)
+        if run.step > 0:
+            fail(f"stopped by SIGTERM at step {run.step}: {out_dir}/ckpt.pt holds it, --resume=True continues")
+        if master_process and os.path.exists(os.path.join(out_dir, 'log.jsonl')):  # a step-0 eval: a rerun makes it again
+            os.remove(os.path.join(out_dir, 'log.jsonl'))
+        fail("stopped by SIGTERM before the first step: nothing is kept, and the same command starts again")
+
     while True:
         step = run.step
-        if (step % eval_interval == 0 or step == total) and not (step == start and start > 0):
+        stop_if_asked(saved=False)
+        if (step % eval_interval == 0 or step == total) and run.eval_step != step:  # a resume may find it made
             record, examples = evaluate_fn(step)
             print0(f"eval {step:05d} | {fmt(record)}")
             print_examples(examples)
             log(run, record)
-        stop = global_sum([run.stop], run.dev).item() > 0  # every rank stops at the same step
-        if step > start and (step % ckpt_interval == 0 or step == total or stop):
+            run.eval_step = step
+        saved = step > start and (step % ckpt_interval == 0 or step == total)
+        if saved:
             save_checkpoint(run)
         if step >= total:
             return
-        if stop:
-            saved = f": saved in {out_dir}/ckpt.pt, --resume=True continues" if step > start else ""
-            fail(f"stopped by SIGTERM at step {step}{saved}")
+        stop_if_asked(saved)
         t0 = time.time()
         record = update(step)
         run.step += 1
@@ -880,7 +893,7 @@ def main(config):
     eval_shard(len(run.val['acts']))  # fails if an eval would leave a rank no rows
     run.av = run.ar = run.ctx_ar = run.av_opt = run.ar_opt = run.engine = None
     run.av_frozen, run.av_meta, run.ar_meta = [], {}, {}
-    run.step, run.cursor, run.bad_steps, run.skipped = 0, 0, 0, 0
+    run.step, run.eval_step, run.cursor, run.bad_steps, run.skipped = 0, -1, 0, 0, 0
     if stage in ('sft_av', 'rl', 'eval'):
         run.av, run.av_frozen, run.av_meta = build_av(init_av, meta, tokenizer, dev)
         run.end_ids = nla.end_token_ids(run.av, tokenizer)

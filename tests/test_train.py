@@ -108,7 +108,7 @@ def test_sigterm_ends_the_step_under_way_saves_it_and_a_resume_goes_on(tiny_dir,
     err = p.communicate(timeout=300)[1]
     steps = [r['step'] for r in read_log(out, 'rl')]
     assert p.returncode != 0 and 'Traceback' not in err, err[-3000:]
-    assert err.strip().splitlines()[-1] == f"train: stopped by SIGTERM at step {steps[-1]}: saved in {out}/ckpt.pt, --resume=True continues"
+    assert err.strip().splitlines()[-1] == f"train: stopped by SIGTERM at step {steps[-1]}: {out}/ckpt.pt holds it, --resume=True continues"
     assert torch.load(out / 'ckpt.pt', weights_only=False)['step'] == steps[-1]
     run_script('train.py', *common, f'--max_steps={steps[-1] + 1}', '--resume=True')
     assert [r['step'] for r in read_log(out, 'rl')] == list(range(1, steps[-1] + 2))
@@ -464,9 +464,50 @@ def test_log_interval_logs_the_steps_it_names(monkeypatch):
     monkeypatch.setattr(train, 'log_interval', 2)
     monkeypatch.setattr(train, 'save_checkpoint', lambda run: None)
     monkeypatch.setattr(train, 'log', lambda run, record: logged.append((record['stage'], record['step'])))
-    run = types.SimpleNamespace(step=0, bad_steps=0, skipped=0, stop=False, dev='cpu')
+    run = types.SimpleNamespace(step=0, eval_step=-1, bad_steps=0, skipped=0, stop=False, dev='cpu')
     train.run_loop(run, 5, lambda step: {'ok': True}, lambda step: ({'stage': 'eval', 'step': step}, []))
     assert [s for stage, s in logged if stage != 'eval'] == [2, 4, 5]
+
+
+def loop_events(monkeypatch, tmp_path, run, total, stop_at=None, stop_in_eval=None):
+    """What run_loop does, as ('eval', step) and ('save', step), with a SIGTERM arriving during update(stop_at)
+    or during the eval of step stop_in_eval."""
+    events = []
+    monkeypatch.setattr(train, 'out_dir', str(tmp_path))
+    monkeypatch.setattr(train, 'eval_interval', 5)
+    monkeypatch.setattr(train, 'ckpt_interval', 100)
+    monkeypatch.setattr(train, 'save_checkpoint', lambda run: events.append(('save', run.step, run.eval_step)))
+    monkeypatch.setattr(train, 'log', lambda run, record: (tmp_path / 'log.jsonl').open('a').write(json.dumps(record) + '\n'))
+
+    def update(step):
+        run.stop = run.stop or step == stop_at
+        return {'ok': True}
+
+    def evaluate_fn(step):
+        events.append(('eval', step))
+        run.stop = run.stop or step == stop_in_eval
+        return {'stage': 'eval', 'step': step}, []
+    try:
+        train.run_loop(run, total, update, evaluate_fn)
+    except SystemExit as e:
+        return events, str(e)
+    return events, None
+
+
+def test_a_sigterm_before_an_eval_saves_at_once_and_the_resume_makes_that_eval(monkeypatch, tmp_path):
+    run = types.SimpleNamespace(step=0, eval_step=-1, bad_steps=0, skipped=0, stop=False, dev='cpu')
+    events, message = loop_events(monkeypatch, tmp_path, run, 20, stop_at=4)
+    assert events == [('eval', 0), ('save', 5, 0)] and 'stopped by SIGTERM at step 5' in message, events
+    run.stop = False
+    events, message = loop_events(monkeypatch, tmp_path, run, 6, stop_at=99)
+    assert events == [('eval', 5), ('eval', 6), ('save', 6, 6)] and message is None, events
+
+
+def test_a_sigterm_in_the_first_eval_leaves_nothing_that_stops_a_rerun(monkeypatch, tmp_path):
+    run = types.SimpleNamespace(step=0, eval_step=-1, bad_steps=0, skipped=0, stop=False, dev='cpu')
+    events, message = loop_events(monkeypatch, tmp_path, run, 20, stop_in_eval=0)
+    assert events == [('eval', 0)] and 'before the first step' in message, events
+    assert not (tmp_path / 'log.jsonl').exists()
 
 
 def test_response_mask_keeps_the_end_token_and_ignores_what_follows():
