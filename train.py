@@ -54,7 +54,7 @@ resume = False  # continue the run in out_dir from its ckpt.pt
 wandb_log = False  # mirror log.jsonl to wandb
 wandb_project = 'nla'
 wandb_run_name = ''
-# model (a fresh AV takes these; a loaded one keeps the ones it was saved with)
+# model (a fresh AV or AR takes these; a loaded one keeps those it was saved with)
 lora_rank = 32
 lora_alpha = 64.0
 rslora = False  # scale alpha/sqrt(rank) instead of alpha/rank
@@ -190,6 +190,7 @@ def build_ar(init, data_meta, reads, dev):
     ar = checked(nla.load_reconstructor, base_model, data_meta['layer'], dtype, dev, meta['ar_lora_rank'], meta['lora_alpha'], meta['rslora'])
     if init:
         checked(nla.load_trainable, ar, load_file(path), path)
+    ar.max_tokens = meta['ar_max_tokens']  # each AR reads texts cut as in its training
     if gradient_checkpointing:
         ar.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
     return ar, meta
@@ -261,11 +262,11 @@ def ar_texts(data, rows, source):
     return [nla.extract_explanation(data['explanation'][r]) or '' for r in rows]
 
 
-def ar_predict(ar, tokenizer, texts, dev, max_tokens=None):
-    """(N, d) fp32 AR predictions, in micro-batches; each text keeps its last max_tokens (ar_max_tokens) tokens."""
+def ar_predict(ar, tokenizer, texts, dev):
+    """(N, d) fp32 AR predictions, in micro-batches; each text keeps its last ar.max_tokens tokens."""
     preds = []
     for i in range(0, len(texts), micro_batch):
-        ids, mask = nla.ar_inputs(tokenizer, texts[i:i + micro_batch], max_tokens or ar_max_tokens, dev)
+        ids, mask = nla.ar_inputs(tokenizer, texts[i:i + micro_batch], ar.max_tokens, dev)
         preds.append(ar(ids, mask))
     return torch.cat(preds) if preds else torch.zeros(0, ar.head.weight.shape[0], device=dev)
 
@@ -423,7 +424,7 @@ def ar_step(ar, tokenizer, texts, acts, opt, lr_now, dev):
     loss_sum = 0.0
     ar.train(gradient_checkpointing)
     for i in range(0, len(texts), micro_batch):
-        ids, mask = nla.ar_inputs(tokenizer, texts[i:i + micro_batch], ar_max_tokens, dev)
+        ids, mask = nla.ar_inputs(tokenizer, texts[i:i + micro_batch], ar.max_tokens, dev)
         loss = nla.mse(ar(ids, mask), acts[i:i + micro_batch]).sum() / n_global
         loss.backward()
         loss_sum += loss.item()
@@ -459,8 +460,7 @@ def evaluate(run, val, step):
         explanations = [nla.extract_explanation(t) for t in texts]
         preds = ar_predict(run.ar, tokenizer, [e or '' for e in explanations], dev)
         teacher = ar_predict(run.ar, tokenizer, ar_texts(val, rows, 'explanation'), dev)
-        ctx = None if run.ctx_ar is None else ar_predict(run.ctx_ar, tokenizer, ar_texts(val, rows, 'context'), dev,
-                                                         run.ctx_meta['ar_max_tokens'])
+        ctx = None if run.ctx_ar is None else ar_predict(run.ctx_ar, tokenizer, ar_texts(val, rows, 'context'), dev)
     local = {'rows': rows, 'texts': texts, 'lengths': lengths, 'extracted': [e is not None for e in explanations],
              'acts': acts.cpu(), 'preds': preds.cpu(), 'teacher': teacher.cpu(), 'ctx': None if ctx is None else ctx.cpu()}
     shards = [local]
@@ -510,7 +510,7 @@ def save_checkpoint(run):
         nla.save_av(run.av, os.path.join(out_dir, 'av.safetensors'), run.av_frozen, {**run.av_meta, **meta})
     if run.ar_opt is not None:
         nla.save_weights(os.path.join(out_dir, 'ar.safetensors'), nla.trainable_state(run.ar),
-                         {**run.ar_meta, **meta, 'ar_max_tokens': ar_max_tokens})
+                         {**run.ar_meta, **meta})
     ckpt = {'step': run.step, 'eval_step': run.eval_step, 'cursor': run.cursor, 'bad_steps': run.bad_steps, 'skipped': run.skipped, 'config': run.config,
             'data_id': run.meta['data_id'], 'av_frozen': run.av_frozen, 'lora': lora_settings(run),
             'av': None if run.av_opt is None else nla.trainable_state(run.av),
@@ -911,7 +911,7 @@ def main(config):
         fail(f"{init_av} holds av.safetensors of step {steps[0]} and ar.safetensors of step {steps[1]} "
              "(a crash between their writes?): resume that run, which writes both again")
     if context_ar and stage in ('rl', 'eval'):  # the context ceiling: an sft_ar run with ar_input='context'
-        run.ctx_ar, run.ctx_meta = build_ar(context_ar, meta, 'context', dev)
+        run.ctx_ar, _ = build_ar(context_ar, meta, 'context', dev)
     if stage in ('rl', 'eval'):  # the engine starts last, once every model has loaded
         run.engine = start_engine(len(run.prompt_ids), dev) if rollout == 'vllm' else None
         if run.engine is not None:

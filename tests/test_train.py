@@ -181,14 +181,18 @@ def test_init_trained_on_other_data_is_noted(tiny_data, sft_runs, monkeypatch, c
     assert 'was trained on other data' in capsys.readouterr().err
 
 
-def test_context_ceiling_reads_as_many_tokens_as_its_ar_was_trained_on(tiny_dir, tiny_data, sft_runs, tmp_path):
-    """The context AR was trained on 64 tokens (config/tiny.py); an eval whose own AR reads 16 leaves it at 64."""
-    common = [*base_args(tiny_dir, tiny_data), '--stage=eval', f'--init_av={sft_runs["av"]}',
-              f'--init_ar={sft_runs["ar"]}', f'--context_ar={sft_runs["ar_context"]}']
-    run_script('train.py', *common, f'--out_dir={tmp_path / "a"}')
-    run_script('train.py', *common, f'--out_dir={tmp_path / "b"}', '--ar_max_tokens=16')
-    a, b = read_log(tmp_path / 'a')[-1], read_log(tmp_path / 'b')[-1]
-    assert a['fve_context'] == b['fve_context'] and a['fve_teacher'] != b['fve_teacher'], (a, b)
+def test_each_ar_reads_as_many_tokens_as_it_was_trained_on(tiny_dir, tiny_data, sft_runs, tmp_path):
+    """Both ARs were trained on 64 tokens (config/tiny.py): --ar_max_tokens=16 changes neither, while an AR
+    whose metadata says 16 reads 16."""
+    def eval_record(name, ar, *args):
+        run_script('train.py', *base_args(tiny_dir, tiny_data), '--stage=eval', f'--init_av={sft_runs["av"]}', f'--init_ar={ar}',
+                   f'--context_ar={sft_runs["ar_context"]}', f'--out_dir={tmp_path / name}', *args)
+        return read_log(tmp_path / name)[-1]
+    a = eval_record('a', sft_runs['ar'])
+    b = eval_record('b', sft_runs['ar'], '--ar_max_tokens=16')
+    c = eval_record('c', edited_weights(sft_runs['ar'], 'ar.safetensors', tmp_path / 'ar16', {'ar_max_tokens': 16}))
+    assert a['fve_context'] == b['fve_context'] == c['fve_context'] and a['fve_teacher'] == b['fve_teacher'], (a, b)
+    assert c['fve_teacher'] != a['fve_teacher'], (a, c)
 
 
 def edited_weights(run_dir, name, dst, edit=None, drop=()):
@@ -363,7 +367,9 @@ def test_reward_floor_and_length_penalty(tiny_dir, monkeypatch):
     monkeypatch.setattr(train, 'max_new_tokens', 20)
     monkeypatch.setattr(train, 'length_slack', 5)
     monkeypatch.setattr(train, 'length_penalty', 0.1)
-    ar = nla.load_reconstructor(tiny_dir['llama'], 1, 'float32')
+    monkeypatch.setattr(train, 'base_model', tiny_dir['llama'])
+    monkeypatch.setattr(train, 'dtype', 'float32')
+    ar, _ = train.build_ar('', {'layer': 1}, 'explanation', 'cpu')
     tok = nla.load_tokenizer(tiny_dir['llama'])
     texts = ['no tags at all', '<explanation>cut off</explanation>', '<explanation>short</explanation>',
              '<explanation>long</explanation>']
