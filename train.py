@@ -60,7 +60,7 @@ lora_alpha = 64.0
 rslora = False  # scale alpha/sqrt(rank) instead of alpha/rank
 ar_lora_rank = 0  # 0: the AR trains in full (blocks and head, embedding frozen); > 0: LoRA on its blocks
 ar_input = 'explanation'  # 'explanation', or 'context' for the context-ceiling control
-ar_max_tokens = 256  # text tokens the AR reads; a longer text keeps its end
+ar_max_tokens = 256  # text tokens a fresh AR reads, in training and after; a longer text keeps its end
 gradient_checkpointing = False
 # optimizer (AdamW; warmup then cosine to lr * min_lr_frac)
 lr = 1e-4  # the AV's
@@ -576,8 +576,9 @@ def load_checkpoint(run):
     log_path = os.path.join(out_dir, 'log.jsonl')
     if master_process and os.path.isfile(log_path):  # steps logged after the checkpoint are run and logged again
         with open(log_path) as f:
-            # a last line cut by a crash has no newline: dropped, as are the steps that will run again
-            lines = [line for line in f if line.endswith('\n') and json.loads(line)['step'] <= run.step]
+            # a last line cut by a crash has no newline: dropped, as are the steps and the eval that will run again
+            records = [(line, json.loads(line)) for line in f if line.endswith('\n')]
+            lines = [line for line, r in records if r['step'] <= (run.eval_step if r['stage'] == 'eval' else run.step)]
         with open(log_path + '.tmp', 'w') as f:
             f.writelines(lines)
         os.replace(log_path + '.tmp', log_path)

@@ -5,6 +5,7 @@ import os
 import random
 import shutil
 import sys
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -124,6 +125,20 @@ def read_log(out_dir, stage=None):
     with open(os.path.join(out_dir, 'log.jsonl')) as f:
         records = [json.loads(line) for line in f]
     return [r for r in records if stage is None or r['stage'] == stage]
+
+
+def wait_for_a_step(p, out_dir, stage, timeout=300):
+    """Wait until the run p has logged a step of `stage`; fail if it ends first or takes over `timeout` s."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if read_log(out_dir, stage):
+                return
+        except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or a line being written
+            pass
+        assert p.poll() is None, f"the run ended before its first step (exit {p.returncode})"
+        assert time.time() < deadline, f"no {stage} step logged in {timeout} s"
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope='session')

@@ -4,13 +4,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, read_log, run_script
+from conftest import ROOT, read_log, run_script, wait_for_a_step
 
 
 def torchrun(*args, ok=True):
@@ -60,17 +59,17 @@ def test_two_ranks_equal_one_process(tiny_dir, tiny_data, sft_runs, tmp_path, st
 def test_a_sigterm_to_one_rank_stops_every_rank_at_the_same_saved_step(tiny_dir, tiny_data, tmp_path):
     """The ranks agree on a stop: a rank stopping alone would leave the others waiting in the next collective."""
     out = tmp_path / 'run'
-    p = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                          os.path.join(ROOT, 'train.py'), *common(tiny_dir, tiny_data), '--stage=sft_ar', '--max_steps=100000',
-                          f'--out_dir={out}'], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, 'OMP_NUM_THREADS': '1'})
-    while not (out / 'log.jsonl').exists() or not read_log(out, 'sft_ar'):
-        assert p.poll() is None, p.stderr.read()
-        time.sleep(0.1)
-    ranks = open(f'/proc/{p.pid}/task/{p.pid}/children').read().split()
-    assert len(ranks) == 2, ranks
-    os.kill(int(ranks[1]), signal.SIGTERM)
-    err = p.communicate(timeout=300)[1]
+    with open(tmp_path / 'stderr', 'w') as err:
+        p = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                              os.path.join(ROOT, 'train.py'), *common(tiny_dir, tiny_data), '--stage=sft_ar',
+                              '--max_steps=100000', f'--out_dir={out}'], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
+                             env={**os.environ, 'OMP_NUM_THREADS': '1'})
+        wait_for_a_step(p, out, 'sft_ar')
+        ranks = open(f'/proc/{p.pid}/task/{p.pid}/children').read().split()
+        assert len(ranks) == 2, ranks
+        os.kill(int(ranks[1]), signal.SIGTERM)
+        p.wait(timeout=300)
+    err = (tmp_path / 'stderr').read_text()
     step = torch.load(out / 'ckpt.pt', weights_only=False)['step']
     assert p.returncode != 0 and err.count(f"train: stopped by SIGTERM at step {step}: ") == 2, err[-3000:]
     assert read_log(out, 'sft_ar')[-1]['step'] == step

@@ -8,7 +8,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import time
 import types
 
 import pytest
@@ -18,7 +17,7 @@ from safetensors.torch import load_file
 
 import nla
 import train
-from conftest import ROOT, broken_copy, read_log, run_script, tiny_gpt2, zero_first_activation
+from conftest import ROOT, broken_copy, read_log, run_script, tiny_gpt2, wait_for_a_step, zero_first_activation
 
 RL_ARGS = ['--stage=rl', '--max_new_tokens=64', '--length_slack=8', '--min_lr_frac=1.0', '--lr=1e-3', '--ar_lr=1e-3']
 
@@ -98,20 +97,20 @@ def test_sigterm_ends_the_step_under_way_saves_it_and_a_resume_goes_on(tiny_dir,
     out = tmp_path / 'rl'
     common = [*base_args(tiny_dir, tiny_data), *RL_ARGS, f'--init_av={sft_runs["av"]}', f'--init_ar={sft_runs["ar"]}',
               f'--out_dir={out}', '--eval_interval=1000', '--ckpt_interval=1000']
-    p = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), *common, '--max_steps=1000'], cwd=ROOT,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not (out / 'log.jsonl').exists() or not read_log(out, 'rl'):  # its first step is done
-        assert p.poll() is None and time.time() < deadline, p.stderr.read() if p.poll() is not None else 'no step in 300 s'
-        time.sleep(0.1)
-    p.send_signal(signal.SIGTERM)
-    err = p.communicate(timeout=300)[1]
+    with open(tmp_path / 'stderr', 'w') as err:
+        p = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), *common, '--max_steps=1000'], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=err)
+        wait_for_a_step(p, out, 'rl')
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=300)
+    err = (tmp_path / 'stderr').read_text()
     steps = [r['step'] for r in read_log(out, 'rl')]
     assert p.returncode != 0 and 'Traceback' not in err, err[-3000:]
     assert err.strip().splitlines()[-1] == f"train: stopped by SIGTERM at step {steps[-1]}: {out}/ckpt.pt holds it, --resume=True continues"
     assert torch.load(out / 'ckpt.pt', weights_only=False)['step'] == steps[-1]
     run_script('train.py', *common, f'--max_steps={steps[-1] + 1}', '--resume=True')
     assert [r['step'] for r in read_log(out, 'rl')] == list(range(1, steps[-1] + 2))
+    assert [r['step'] for r in read_log(out, 'eval')] == [0, steps[-1] + 1]
 
 
 def rl_steps(tiny_dir, root, steps, *args, ok=True):
@@ -133,6 +132,17 @@ def test_a_run_moved_with_its_inputs_resumes(tiny_dir, tiny_data, sft_runs, tmp_
     (tmp_path / 'a').rename(tmp_path / 'b')
     rl_steps(tiny_dir, tmp_path / 'b', 2, '--resume=True')
     assert [r['step'] for r in read_log(tmp_path / 'b' / 'run', 'rl')] == [1, 2]
+
+
+def test_a_resume_makes_the_eval_its_checkpoint_missed_once(tiny_dir, tiny_data, sft_runs, tmp_path):
+    """A checkpoint saved before its step's eval, whose eval a resume made before dying: the next resume
+    replaces that record rather than adding a second."""
+    root = rl_tree(tiny_data, sft_runs, tmp_path)
+    rl_steps(tiny_dir, root, 2)
+    ckpt = torch.load(root / 'run' / 'ckpt.pt', weights_only=False)
+    torch.save({**ckpt, 'eval_step': 0}, root / 'run' / 'ckpt.pt')
+    rl_steps(tiny_dir, root, 2, '--resume=True')
+    assert [r['step'] for r in read_log(root / 'run', 'eval')] == [0, 2]
 
 
 def test_resume_refuses_other_data(tiny_dir, tiny_data, sft_runs, tmp_path):
@@ -483,7 +493,11 @@ def loop_events(monkeypatch, tmp_path, run, total, stop_at=None, stop_in_eval=No
     monkeypatch.setattr(train, 'eval_interval', 5)
     monkeypatch.setattr(train, 'ckpt_interval', 100)
     monkeypatch.setattr(train, 'save_checkpoint', lambda run: events.append(('save', run.step, run.eval_step)))
-    monkeypatch.setattr(train, 'log', lambda run, record: (tmp_path / 'log.jsonl').open('a').write(json.dumps(record) + '\n'))
+
+    def log(run, record):
+        with open(tmp_path / 'log.jsonl', 'a') as f:
+            f.write(json.dumps(record) + '\n')
+    monkeypatch.setattr(train, 'log', log)
 
     def update(step):
         run.stop = run.stop or step == stop_at
