@@ -624,7 +624,8 @@ def run_loop(run, total, update, evaluate_fn):
     while True:
         step = run.step
         stop_if_asked(saved=False)
-        if (step % eval_interval == 0 or step == total) and run.eval_step != step:  # a resume may find it made
+        evaluated = (step % eval_interval == 0 or step == total) and run.eval_step != step  # a resume may find it made
+        if evaluated:
             record, examples = evaluate_fn(step)
             print0(f"eval {step:05d} | {fmt(record)}")
             print_examples(examples)
@@ -635,7 +636,8 @@ def run_loop(run, total, update, evaluate_fn):
             save_checkpoint(run)
         if step >= total:
             return
-        stop_if_asked(saved)
+        if evaluated or saved:  # a SIGTERM may have come while they ran; otherwise the check above still holds
+            stop_if_asked(saved)
         t0 = time.time()
         record = update(step)
         run.step += 1
