@@ -619,7 +619,7 @@ def run_loop(run, total, update, evaluate_fn):
             fail(f"stopped by SIGTERM at step {run.step}: {out_dir}/ckpt.pt holds it, --resume=True continues")
         if master_process and os.path.exists(os.path.join(out_dir, 'log.jsonl')):  # a step-0 eval: a rerun makes it again
             os.remove(os.path.join(out_dir, 'log.jsonl'))
-        fail("stopped by SIGTERM before the first step: nothing is kept, and the same command starts again")
+        fail("stopped by SIGTERM before the first step: only config.json is written, and the same command starts again")
 
     while True:
         step = run.step
