@@ -7,13 +7,14 @@ Corpus -> activations, warm-start explanations and document-disjoint splits.
 For each document, `positions_per_doc` token positions at or after `min_position` are drawn from a
 per-document seeded RNG. The activation is the output of block `layer` there (the forward stops after
 that block), and the context is the decoded prefix through that token. Documents (a repeated text
-is dropped), never rows, are split into av_sft / ar_sft / rl / val; near-duplicate documents go to one
-split, and with `group_column` (say a book) so do all the documents of a group. Writes
+is dropped), never rows, are split into av_sft / ar_sft / rl / val; documents that open alike and near-duplicates
+go to one split, and with `group_column` (say a book) so do all the documents of a group. Writes
 out_dir/{av_sft,ar_sft,rl,val}.parquet and out_dir/meta.json, all at the end and atomically: a crash
 or bad input leaves nothing half-written.
 """
 import collections
 import hashlib
+import http.client
 import json
 import os
 import signal
@@ -98,7 +99,7 @@ def read_corpus(path, group_column=''):
             fail(f"corpus '{path}' must look like hf://OWNER/REPO/FILE.parquet")
         try:
             path = hf_hub_download(f"{parts[0]}/{parts[1]}", parts[2], repo_type='dataset')
-        except OSError as e:  # the hub's errors (not found, offline) are OSErrors
+        except (OSError, ValueError) as e:  # the hub's errors: not found, offline (OSErrors), a malformed repo id
             fail(f"corpus '{path}' could not be downloaded ({type(e).__name__})")
     if os.path.isdir(path):
         fail(f"corpus '{path}' is a folder, not a file")
@@ -164,10 +165,33 @@ def token_runs(ids, n=RUN_TOKENS):
     return {hash(tuple(ids[i:i + n])) for i in range(len(ids) - n + 1)}
 
 
-def join_near_duplicates(runs, groups, overlap, holders_kept=8):
-    """The groups, with those of any two documents that share at least `overlap` of the smaller one's token_runs
-    joined under one label (union-find), and the number of joins. A run is looked up among the first holders_kept
-    documents that hold it, which bounds the work on boilerplate that many documents share."""
+def near_duplicate_pairs(runs, overlap, holders_kept=8):
+    """(i, j), j < i, for any two documents that share at least `overlap` of the smaller one's token_runs. A run is
+    looked up among the first holders_kept documents that hold it, which bounds the work on boilerplate that many
+    documents share."""
+    holders = {}
+    for i, mine in enumerate(runs):
+        for j, shared in collections.Counter(j for run in mine for j in holders.get(run, ())).items():
+            if shared >= overlap * min(len(mine), len(runs[j])):
+                yield i, j
+        for run in mine:
+            if len(holders.setdefault(run, [])) < holders_kept:
+                holders[run].append(i)
+
+
+def same_opening_pairs(docs_ids, n):
+    """(i, j), j < i, for documents whose first n tokens are the same: the rows of either at a position below n
+    are the other's rows too (a context and its activation depend only on the tokens through their position)."""
+    first = {}
+    for i, ids in enumerate(docs_ids):
+        j = first.setdefault(tuple(ids[:n]), i)
+        if j != i:
+            yield i, j
+
+
+def join_groups(groups, pairs):
+    """The groups of documents, with those of each pair (i, j) joined under j's label (union-find), and the number
+    of joins made."""
     parent = {g: g for g in groups}
 
     def root(g):
@@ -176,16 +200,12 @@ def join_near_duplicates(runs, groups, overlap, holders_kept=8):
             g = parent[g]
         return g
 
-    holders, joins = {}, 0
-    for i, mine in enumerate(runs):
-        for j, shared in collections.Counter(j for run in mine for j in holders.get(run, ())).items():
-            a, b = root(groups[i]), root(groups[j])
-            if a != b and shared >= overlap * min(len(mine), len(runs[j])):
-                parent[a] = b
-                joins += 1
-        for run in mine:
-            if len(holders.setdefault(run, [])) < holders_kept:
-                holders[run].append(i)
+    joins = 0
+    for i, j in pairs:
+        a, b = root(groups[i]), root(groups[j])
+        if a != b:
+            parent[a] = b
+            joins += 1
     return [root(g) for g in groups], joins
 
 
@@ -214,7 +234,7 @@ def context_explanation(context):
 
 
 def api_call(context, api_key):
-    """One chat completion with retries and exponential backoff on rate limits, server errors and timeouts."""
+    """One chat completion with retries and exponential backoff on rate limits, server errors, timeouts and dropped connections."""
     body = json.dumps({'model': api_model, 'temperature': 0,
                        'messages': [{'role': 'user', 'content': API_INSTRUCTION.format(context=context)}]}).encode()
     request = urllib.request.Request(f"{api_base_url.rstrip('/')}/chat/completions", data=body, headers={
@@ -233,7 +253,7 @@ def api_call(context, api_key):
         except urllib.error.HTTPError as e:
             if e.code != 429 and e.code < 500 or attempt == api_retries:
                 fail(f"teacher api: HTTP {e.code} from {api_base_url}: {e.read()[:200]!r}")
-        except (urllib.error.URLError, TimeoutError) as e:
+        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:  # a dropped or cut answer too
             if attempt == api_retries:
                 fail(f"teacher api: {api_base_url} unreachable after {api_retries + 1} tries: {e}")
         time.sleep(2 ** attempt)
@@ -329,8 +349,11 @@ def main(config):
     # near-duplicates join their groups; a group goes whole to the split where it starts when the groups are laid
     # end to end in a seeded order
     kept_groups, runs = [groups[doc_id] for doc_id in kept], [token_runs(ids) for ids in docs_ids]
+    # a row is drawn at min_position or after: documents that open alike up to there can give the very same rows
+    kept_groups, joins = join_groups(kept_groups, same_opening_pairs(docs_ids, min_position + 1))
+    print(f"documents opening with the same {min_position + 1} tokens: joined {joins} pairs of groups", file=sys.stderr)
     if near_duplicate > 0:  # near-duplicates in two splits would leak as a repeated text would
-        kept_groups, joins = join_near_duplicates(runs, kept_groups, near_duplicate)
+        kept_groups, joins = join_groups(kept_groups, near_duplicate_pairs(runs, near_duplicate))
         print(f"near-duplicates (documents sharing >= {near_duplicate:.0%} of their {RUN_TOKENS}-token runs) "
               f"joined {joins} pairs of groups", file=sys.stderr)
     members = {}

@@ -86,9 +86,17 @@ def model_signature(name):
     return {'model_type': cfg.model_type, 'n_layers': cfg.num_hidden_layers, 'd_model': cfg.hidden_size}
 
 
+def from_pretrained(cls, name, **kwargs):
+    """cls.from_pretrained(name), a model folder without weights or with a cut weights file said in one line."""
+    try:
+        return cls.from_pretrained(name, **kwargs)
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"base_model '{name}': its weights cannot be loaded: {str(e).splitlines()[0]}") from None
+
+
 def load_lm(name, dtype='bfloat16', device='cpu'):
     """The full causal LM (the verbalizer's base), frozen."""
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype(dtype)).to(device)
+    model = from_pretrained(AutoModelForCausalLM, name, dtype=torch_dtype(dtype)).to(device)
     model.requires_grad_(False)
     return model
 
@@ -130,7 +138,7 @@ def load_backbone(name, n_blocks, dtype='bfloat16', device='cpu'):
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the upper blocks' weights are skipped on purpose
     try:
-        backbone = AutoModel.from_pretrained(name, config=config, dtype=torch_dtype(dtype))
+        backbone = from_pretrained(AutoModel, name, config=config, dtype=torch_dtype(dtype))
     finally:
         transformers.logging.set_verbosity(verbosity)
     parent, blocks = find_blocks(backbone)

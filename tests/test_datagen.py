@@ -4,6 +4,7 @@ import http.server
 import json
 import os
 import re
+import shutil
 import threading
 import types
 
@@ -93,7 +94,15 @@ def test_writes_four_splits_and_meta(tiny_data, tiny_dir):
         assert t.num_rows == meta['rows'][s] > 0
         assert str(t.schema.field('activation').type) == 'fixed_size_list<element: float>[64]'
         assert {'doc_id', 'position', 'context', 'activation', 'explanation'} <= set(t.column_names)
+        assert (str(t.schema.field('doc_id').type), str(t.schema.field('position').type)) == ('int64', 'int32')
     assert not [f for f in os.listdir(tiny_data) if f.startswith('.tmp')]
+
+
+def test_each_split_holds_its_fraction_of_the_documents(tiny_data):
+    """400 documents in no groups, splits 0.3 / 0.3 / 0.3 / 0.1: each split within one document of its share."""
+    fractions = json.load(open(os.path.join(tiny_data, 'meta.json')))['config']['splits']
+    docs = {s: len(set(read(tiny_data, s)['doc_id'])) for s in nla.SPLITS}
+    assert all(abs(docs[s] - fractions[s] * sum(docs.values())) <= 1 for s in nla.SPLITS), (docs, fractions)
 
 
 def test_alpha_is_the_75th_percentile_of_activation_norms(tiny_data):
@@ -267,14 +276,33 @@ def test_val_documents_mostly_in_training_are_counted(tiny_dir, tmp_path, monkey
     assert 0 < leaked and f"in training documents: {leaked} of {len(val)}\n" in capsys.readouterr().err
 
 
-def test_join_near_duplicates_joins_groups_sharing_at_least_the_overlap():
+def test_near_duplicate_pairs_share_at_least_the_overlap():
     a = list(range(100))
     b = [7] + a[1:]  # one token changed: 87 of its 88 runs of 13 tokens are a's
     c = a[:40] + list(range(1000, 1060))  # 28 of its 88 runs are a's: below half, above 0.3
     d = list(range(2000, 2100))
     runs = [datagen.token_runs(ids) for ids in (a, b, c, d)]
-    assert datagen.join_near_duplicates(runs, ['x', 'y', 'z', 'w'], 0.5) == (['x', 'x', 'z', 'w'], 1)
-    assert datagen.join_near_duplicates(runs, ['x', 'y', 'z', 'w'], 0.3) == (['x', 'x', 'x', 'w'], 2)
+    assert datagen.join_groups(['x', 'y', 'z', 'w'], datagen.near_duplicate_pairs(runs, 0.5)) == (['x', 'x', 'z', 'w'], 1)
+    assert datagen.join_groups(['x', 'y', 'z', 'w'], datagen.near_duplicate_pairs(runs, 0.3)) == (['x', 'x', 'x', 'w'], 2)
+
+
+def test_documents_that_open_alike_are_paired_and_their_groups_joined_transitively():
+    a, b = list(range(100)), list(range(30)) + list(range(1000, 1070))  # the same first 30 tokens
+    c, d = list(range(29)) + [5000], list(range(2000, 2100))  # c differs at token 29
+    assert list(datagen.same_opening_pairs([a, b, c, d, b[:40]], 30)) == [(1, 0), (4, 0)]
+    assert datagen.join_groups(['x', 'y', 'z', 'y', 'w'], [(1, 0), (4, 3)]) == (['x', 'x', 'z', 'x', 'x'], 2)
+
+
+def test_documents_that_open_alike_go_to_one_split(tiny_dir, tmp_path, monkeypatch):
+    """Three documents with the same 40-word opening and other text after it give the same rows at any position in
+    the opening: near-duplicate joins off, they still go to one split, and no context is in two splits."""
+    openings, tails = synthetic_docs(30, seed=1, words=(48, 48)), synthetic_docs(90, seed=2)
+    docs = [' '.join(openings[k].split()[:40]) + ' ' + tails[3 * k + m] for k in range(30) for m in range(3)]
+    run_on_jsonl(monkeypatch, tiny_dir, tmp_path, docs, '--near_duplicate=0', '--positions_per_doc=12')
+    split_of = splits_by_block(tmp_path / 'out', 3)
+    assert len(split_of) == 30 and all(len(v) == 1 for v in split_of.values()), split_of
+    contexts = [set(read(tmp_path / 'out', s)['context']) for s in nla.SPLITS]
+    assert all(not (contexts[i] & contexts[j]) for i in range(4) for j in range(i)), 'a row is in two splits'
 
 
 @pytest.mark.parametrize('name, content, message', [
@@ -340,6 +368,14 @@ def test_bad_input_one_line_and_no_output(tiny_dir, tmp_path, monkeypatch, args,
     assert not out.exists() or not [f for f in os.listdir(out) if not f.startswith('teacher_cache')]
 
 
+def test_a_model_folder_without_its_weights_is_one_line_and_no_output(tiny_dir, tmp_path, monkeypatch):
+    model = tmp_path / 'model'
+    shutil.copytree(tiny_dir['llama'], model, ignore=shutil.ignore_patterns('*.safetensors'))
+    line = refusal(monkeypatch, f'--base_model={model}', f'--corpus={tiny_dir["corpus"]}', f'--out_dir={tmp_path / "out"}')
+    assert f"base_model '{model}': its weights cannot be loaded: Error no file named model.safetensors" in line
+    assert not (tmp_path / 'out').exists()
+
+
 @pytest.mark.parametrize('name, content, message', [
     ('c.parquet', parquet_bytes(pa.table({'text': synthetic_docs(5)}))[:300], "Parquet magic bytes not found"),
     ('c.parquet', parquet_bytes(pa.table({'text': [1, 2]})), "document 0 is int, not a string"),
@@ -349,8 +385,9 @@ def test_bad_input_one_line_and_no_output(tiny_dir, tmp_path, monkeypatch, args,
     ('folder.txt', None, "is a folder, not a file"),
     ('hf://foo', None, "must look like hf://OWNER/REPO/FILE.parquet"),
     ('hf://owner/repo/c.parquet', None, "could not be downloaded"),
+    ('hf://an owner/repo/c.parquet', None, "could not be downloaded (HFValidationError)"),
 ], ids=['truncated parquet', 'non-string text', 'jsonl not json', 'jsonl no text', 'txt not utf-8', 'folder',
-        'malformed hf', 'hf offline'])
+        'malformed hf', 'hf offline', 'hf bad repo id'])
 def test_unreadable_corpus_one_line(tiny_dir, tmp_path, monkeypatch, name, content, message):
     import huggingface_hub.constants
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')  # read once, when huggingface_hub is imported: so also its constant
@@ -487,6 +524,41 @@ def test_api_teacher_retries_and_caches(tiny_dir, tmp_path, teacher_url, monkeyp
     assert 'replaced data' not in capsys.readouterr().err  # the same data written again
 
 
+class FlakyTeacher(http.server.BaseHTTPRequestHandler):
+    """Its first answer fails as `first` says (a rate limit, a connection closed unanswered, an answer cut short), then it answers."""
+    first, calls = '429', 0
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers['Content-Length']))
+        FlakyTeacher.calls += 1
+        if FlakyTeacher.calls == 1 and FlakyTeacher.first == 'dropped':
+            self.close_connection = True
+            return
+        self.send_response(429 if FlakyTeacher.calls == 1 and FlakyTeacher.first == '429' else 200)
+        reply = json.dumps({'choices': [{'message': {'content': '<explanation>x</explanation>'}}]}).encode()
+        self.send_header('Content-Length', str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply[:10] if FlakyTeacher.calls == 1 and FlakyTeacher.first == 'cut' else reply)
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize('first', ['429', 'dropped', 'cut'])
+def test_api_call_retries_a_rate_limit_a_dropped_connection_and_a_cut_answer(monkeypatch, first):
+    FlakyTeacher.first, FlakyTeacher.calls = first, 0
+    server = http.server.HTTPServer(('127.0.0.1', 0), FlakyTeacher)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(datagen, 'api_base_url', f'http://127.0.0.1:{server.server_port}/v1')
+    monkeypatch.setattr(datagen, 'time', types.SimpleNamespace(sleep=lambda s: None))  # no backoff wait in a test
+    try:
+        assert datagen.api_call('some context', 'test-key') == '<explanation>x</explanation>'
+    finally:
+        server.shutdown()
+    assert FlakyTeacher.calls == 2
+
+
 def test_api_key_missing_fails_first_and_leaves_no_folder(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setenv('OPENAI_API_KEY', '')
     out = tmp_path / 'out'
@@ -575,6 +647,7 @@ def test_write_data_removes_a_killed_runs_temporary_folder(tmp_path):
     (lambda m: json.dumps({**m, 'layer': '1'}), "layer '1' vs the model's 4 blocks"),
     (lambda m: json.dumps({**m, 'marker': 7}), 'marker 7 is not token'),
     (lambda m: json.dumps({**m, 'marker_id': 5}), 'is not token 5 in this tokenizer'),
+    (lambda m: json.dumps({**m, 'vocab_size': m['vocab_size'] + 1}), "vs the tokenizer's"),
 ])
 def test_read_data_meta_refuses(tiny_dir, tiny_data, tmp_path, meta_edit, message):
     data = broken_copy(tiny_data, tmp_path, meta_edit)
