@@ -167,7 +167,7 @@ def build_av(init, data_meta, tokenizer, dev):
     path = os.path.join(init, 'av.safetensors') if init else ''
     meta = {'lora_rank': lora_rank, 'lora_alpha': lora_alpha, 'rslora': rslora}
     meta = read_init(path, meta, data_meta) if init else meta
-    av = nla.load_lm(base_model, dtype, dev)
+    av = checked(nla.load_lm, base_model, dtype, dev)
     checked(nla.add_lora, av, meta['lora_rank'], meta['lora_alpha'], meta['rslora'])
     frozen = checked(nla.load_av, av, path) if init else []
     av.generation_config = GenerationConfig(  # ours alone: no sampling defaults of the model's leak in

@@ -4,6 +4,8 @@ import json
 import os
 import random
 import shutil
+import signal
+import subprocess
 import sys
 import time
 
@@ -97,11 +99,11 @@ def tiny_dir(tmp_path_factory):
 
 
 def run_script(script, *args, ok=True, env=None, cwd=ROOT):
-    """Run a top-level script as a user would; check its exit status, and that a failure is one line, not a traceback."""
-    import subprocess
+    """Run a top-level script as a user would; check its exit status, and that a failure is one line, not a traceback.
+    A script that hangs is killed after 15 minutes, failing the test, rather than stalling the suite."""
     full_env = {**os.environ, 'PYTHONUNBUFFERED': '1', **(env or {})}
     p = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
-                       text=True, env=full_env, cwd=cwd)
+                       text=True, env=full_env, cwd=cwd, timeout=900)
     if ok and p.returncode != 0:
         raise AssertionError(f"{script} {' '.join(map(str, args))} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     if not ok:
@@ -125,6 +127,16 @@ def read_log(out_dir, stage=None):
     with open(os.path.join(out_dir, 'log.jsonl')) as f:
         records = [json.loads(line) for line in f]
     return [r for r in records if stage is None or r['stage'] == stage]
+
+
+def kill_group(p):
+    """Kill p and whatever it started, if still running: p was started with start_new_session=True, so that a test
+    that fails while its run is under way leaves no run (or torchrun's ranks) behind."""
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.wait()
 
 
 def wait_for_a_step(p, out_dir, stage, timeout=300):

@@ -9,16 +9,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, read_log, run_script, wait_for_a_step
+from conftest import ROOT, kill_group, read_log, run_script, wait_for_a_step
 
 
 def torchrun(*args, ok=True):
-    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                        os.path.join(ROOT, 'train.py'), *map(str, args)], capture_output=True, text=True, cwd=ROOT,
-                       env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    """train.py under torchrun with 2 ranks; (returncode, stderr). Killed with its ranks after 15 minutes (a hang)."""
+    p = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                          os.path.join(ROOT, 'train.py'), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'}, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=900)
+    finally:
+        kill_group(p)
     if ok and p.returncode != 0:
-        raise AssertionError(f"torchrun failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return p
+        raise AssertionError(f"torchrun failed:\n{out[-3000:]}\n{err[-3000:]}")
+    return p.returncode, err
 
 
 def assert_same_weights(a, b, name):
@@ -63,12 +68,15 @@ def test_a_sigterm_to_one_rank_stops_every_rank_at_the_same_saved_step(tiny_dir,
         p = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                               os.path.join(ROOT, 'train.py'), *common(tiny_dir, tiny_data), '--stage=sft_ar',
                               '--max_steps=100000', f'--out_dir={out}'], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
-                             env={**os.environ, 'OMP_NUM_THREADS': '1'})
-        wait_for_a_step(p, out, 'sft_ar')
-        ranks = open(f'/proc/{p.pid}/task/{p.pid}/children').read().split()
-        assert len(ranks) == 2, ranks
-        os.kill(int(ranks[1]), signal.SIGTERM)
-        p.wait(timeout=300)
+                             env={**os.environ, 'OMP_NUM_THREADS': '1'}, start_new_session=True)
+        try:
+            wait_for_a_step(p, out, 'sft_ar')
+            ranks = open(f'/proc/{p.pid}/task/{p.pid}/children').read().split()
+            assert len(ranks) == 2, ranks
+            os.kill(int(ranks[1]), signal.SIGTERM)
+            p.wait(timeout=300)
+        finally:
+            kill_group(p)
     err = (tmp_path / 'stderr').read_text()
     step = torch.load(out / 'ckpt.pt', weights_only=False)['step']
     assert p.returncode != 0 and err.count(f"train: stopped by SIGTERM at step {step}: ") == 2, err[-3000:]
@@ -76,8 +84,8 @@ def test_a_sigterm_to_one_rank_stops_every_rank_at_the_same_saved_step(tiny_dir,
 
 
 def test_batch_must_divide_by_ranks(tiny_dir, tiny_data, tmp_path):
-    p = torchrun(*common(tiny_dir, tiny_data), '--stage=sft_ar', '--batch_size=15', f'--out_dir={tmp_path}', ok=False)
-    assert p.returncode != 0 and 'batch_size=15 must divide by the number of ranks, 2' in p.stderr
+    returncode, err = torchrun(*common(tiny_dir, tiny_data), '--stage=sft_ar', '--batch_size=15', f'--out_dir={tmp_path}', ok=False)
+    assert returncode != 0 and 'batch_size=15 must divide by the number of ranks, 2' in err
 
 
 def test_process_group_threads_end_with_destroy(tiny_dir):

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import nla
 import train
-from conftest import ROOT, broken_copy, read_log, run_script, tiny_gpt2, wait_for_a_step, zero_first_activation
+from conftest import ROOT, broken_copy, kill_group, read_log, run_script, tiny_gpt2, wait_for_a_step, zero_first_activation
 
 RL_ARGS = ['--stage=rl', '--max_new_tokens=64', '--length_slack=8', '--min_lr_frac=1.0', '--lr=1e-3', '--ar_lr=1e-3']
 
@@ -81,6 +81,8 @@ def test_resume_ends_in_the_same_state(tiny_dir, tiny_data, sft_runs, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     init = load_file(os.path.join(sft_runs['ar'], 'ar.safetensors'))
     assert not torch.equal(init['head.weight'], load_file(tmp_path / 'a' / 'ar.safetensors')['head.weight'])
+    live = {k: w for k, w in load_file(tmp_path / 'a' / 'av.safetensors').items() if k.startswith('adapter1.')}
+    assert live and all(w.any() for k, w in live.items() if 'lora_B' in k), 'the AV did not move'  # rl's adapter starts at B = 0
     assert [r['step'] for r in read_log(tmp_path / 'b', 'rl')] == [1, 2, 3, 4]
     assert read_log(tmp_path / 'b', 'rl')[2]['reward'] != 123.0
     p = run_script('train.py', *common, f'--out_dir={tmp_path / "b"}', '--max_steps=6', '--resume=True', '--kl_coef=0.5',
@@ -99,10 +101,13 @@ def test_sigterm_ends_the_step_under_way_saves_it_and_a_resume_goes_on(tiny_dir,
               f'--out_dir={out}', '--eval_interval=1000', '--ckpt_interval=1000']
     with open(tmp_path / 'stderr', 'w') as err:
         p = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), *common, '--max_steps=1000'], cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=err)
-        wait_for_a_step(p, out, 'rl')
-        p.send_signal(signal.SIGTERM)
-        p.wait(timeout=300)
+                             stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        try:
+            wait_for_a_step(p, out, 'rl')
+            p.send_signal(signal.SIGTERM)
+            p.wait(timeout=300)
+        finally:
+            kill_group(p)
     err = (tmp_path / 'stderr').read_text()
     steps = [r['step'] for r in read_log(out, 'rl')]
     assert p.returncode != 0 and 'Traceback' not in err, err[-3000:]
@@ -295,6 +300,16 @@ def test_refuses_bad_data_in_one_line_before_writing(tiny_dir, tiny_data, tmp_pa
     p = run_script('train.py', 'config/tiny.py', f'--base_model={tiny_dir["llama"]}', f'--data_dir={data}',
                    '--stage=sft_av', f'--out_dir={tmp_path / "out"}', ok=False)
     assert message in p.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('stage', ['sft_av', 'sft_ar'])
+def test_a_model_folder_without_its_weights_is_refused_in_one_line_before_writing(tiny_dir, tiny_data, tmp_path, stage):
+    model = tmp_path / 'model'
+    shutil.copytree(tiny_dir['llama'], model, ignore=shutil.ignore_patterns('*.safetensors'))
+    p = run_script('train.py', 'config/tiny.py', f'--base_model={model}', f'--data_dir={tiny_data}', f'--stage={stage}',
+                   f'--out_dir={tmp_path / "out"}', ok=False)
+    assert f"base_model '{model}': its weights cannot be loaded" in p.stderr.strip().splitlines()[-1]
     assert not (tmp_path / 'out').exists()
 
 

@@ -2,14 +2,19 @@
 arguments, and the post-processing of the engine's samples. Where vllm imports (no GPU needed), the same
 arguments and sampling parameters also go through vLLM's own classes; test_vllm_engine.py runs an engine."""
 import importlib.util
+import os
+import signal
 import sys
 import types
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+import configurator
 import nla
 import train
+from conftest import ROOT, read_log
 
 
 class RecordingEngine:
@@ -98,6 +103,46 @@ def test_vllm_rollouts_postprocessing(monkeypatch):
     assert p['stop_token_ids'] == [2] and len({q['seed'] for q in calls['params']}) == 3
     assert calls['prompts'][0]['prompt_embeds'].device.type == 'cpu'
     torch.testing.assert_close(calls['prompts'][1]['prompt_embeds'], embeds[1])
+
+
+def rl_with_a_stand_in_engine(monkeypatch, tiny_dir, tiny_data, sft_runs, out, *args):
+    """`train.py config/tiny.py --stage=rl --rollout=vllm *args` in-process, its engine a stand-in: the HF sampler
+    draws the rollouts, from the policy of the last push, and reports log-probs of 0 for every token. Returns the pushes."""
+    pushes = []
+    monkeypatch.setattr(train, 'importlib', types.SimpleNamespace(util=types.SimpleNamespace(find_spec=lambda name: object())))
+    monkeypatch.setattr(train, 'start_engine', lambda prompt_len, dev: 'engine')
+    monkeypatch.setattr(train, 'push_weights', lambda engine, av: pushes.append(av))
+
+    def sample(engine, embeds, n_per_prompt, *rest):
+        ids, mask, lengths, truncated = train.rollouts(pushes[-1], embeds, n_per_prompt, *rest)
+        return ids, mask, lengths, truncated, torch.zeros(ids.shape)
+    monkeypatch.setattr(train, 'vllm_rollouts', sample)
+    monkeypatch.setattr(signal, 'signal', lambda *a: None)  # main's SIGTERM handler stays out of the test process
+    config = configurator.configure(dict(vars(train)), [
+        os.path.join(ROOT, 'config', 'tiny.py'), f'--base_model={tiny_dir["llama"]}', f'--data_dir={tiny_data}', '--stage=rl',
+        '--rollout=vllm', f'--init_av={sft_runs["av"]}', f'--init_ar={sft_runs["ar"]}', f'--out_dir={out}', '--max_steps=2',
+        '--eval_interval=100', '--max_new_tokens=64', '--length_slack=8', '--lr=1e-3', *args])
+    for k, v in config.items():
+        monkeypatch.setattr(train, k, v)
+    train.main(config)
+    return pushes
+
+
+@pytest.mark.parametrize('max_logprob_diff, dropped', [(0.001, True), (1e9, False)])
+def test_rollouts_the_trainer_disagrees_with_are_left_out_of_the_loss(tiny_dir, tiny_data, sft_runs, tmp_path, monkeypatch,
+                                                                     max_logprob_diff, dropped):
+    """Sampler log-probs of 0 are far from the trainer's: under a max_logprob_diff below that gap every rollout is
+    left out, so the AV stays where it started; above it none is, and the AV moves. The engine gets the policy at
+    the start and after each step."""
+    out = tmp_path / 'rl'
+    pushes = rl_with_a_stand_in_engine(monkeypatch, tiny_dir, tiny_data, sft_runs, out, f'--max_logprob_diff={max_logprob_diff}')
+    assert len(pushes) == 3
+    steps = read_log(out, 'rl')
+    assert [r['sampler_dropped'] for r in steps] == ([16, 16] if dropped else [0, 0]), steps
+    assert all(r['sampler_logp_diff'] > 0.5 for r in steps), steps
+    moved = [bool(w.any()) for k, w in load_file(out / 'av.safetensors').items()
+             if k.startswith('adapter1.') and k.endswith('.lora_B')]  # rl's adapter starts at B = 0
+    assert moved and all(m != dropped for m in moved), moved
 
 
 def test_wrong_vllm_version_is_refused(monkeypatch):
