@@ -4,10 +4,14 @@ import os
 import signal
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
+
+import train
 
 from conftest import ROOT, kill_group, read_log, run_script, wait_for_a_step
 
@@ -99,3 +103,33 @@ dist.destroy_process_group()
 print(sorted(open(f).read().strip() for f in glob.glob('/proc/self/task/*/comm')))"""
     p = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=ROOT, check=True)
     assert 'gloo' not in p.stdout, p.stdout
+
+
+def test_gradient_buckets_give_every_gradient_back_to_its_parameter(monkeypatch):
+    """allreduce_grads in buckets of at most 12 numbers (here [5 + 6], [3 in bf16], [11], [4 + 4]; a run's are 2**25),
+    over one gloo rank, where the sum is the identity: each gradient comes back whole to its own parameter across
+    bucket and dtype boundaries, and the parameter with no gradient (the last) gets zeros."""
+    shapes = [((5,), torch.float32), ((2, 3), torch.float32), ((3,), torch.bfloat16), ((11,), torch.float32),
+              ((4,), torch.float32), ((4,), torch.float32)]
+    params = [torch.nn.Parameter(torch.zeros(shape, dtype=dtype)) for shape, dtype in shapes]
+    want = [torch.randn(p.shape).to(p.dtype) for p in params[:-1]] + [torch.zeros(4)]
+    for p, g in zip(params[:-1], want):
+        p.grad = g.clone()
+    monkeypatch.setattr(train, 'ddp', True)
+    dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        train.allreduce_grads(params, bucket_numel=12)
+    finally:
+        dist.destroy_process_group()
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, want))
+
+
+def test_ranks_that_hold_different_weights_stop_the_run(monkeypatch):
+    model = torch.nn.Linear(3, 2)
+    run = types.SimpleNamespace(av=model, av_opt=object(), ar=None, ar_opt=None, step=7)
+    monkeypatch.setattr(train, 'ddp_world_size', 2)
+    monkeypatch.setattr(dist, 'all_gather', lambda every, t: [e.copy_(t) for e in every])
+    train.check_ranks_agree(run, 'cpu')  # the same sums on both ranks: no refusal
+    monkeypatch.setattr(dist, 'all_gather', lambda every, t: [e.copy_(t + i) for i, e in enumerate(every)])
+    with pytest.raises(SystemExit, match='ranks hold different weights at step 7'):
+        train.check_ranks_agree(run, 'cpu')
