@@ -17,6 +17,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -129,7 +130,7 @@ def read_corpus(path, group_column=''):
             if group_column:
                 fail(f"corpus '{path}' is a .txt, which has no columns: group_column must be ''")
             with open(path, encoding='utf-8-sig') as f:
-                docs = f.read().split('\n\n')
+                docs = re.split(r'\n\s*\n', f.read())  # a blank line may hold spaces
             groups = list(range(len(docs)))
         else:
             fail(f"corpus '{path}' must be .parquet, .jsonl or .txt")
@@ -313,17 +314,20 @@ def main(config):
         fail(f"teacher='api' needs the key in the environment variable {api_key_env}, which is not set")
     if teacher == 'api' and not api_base_url.startswith(('http://', 'https://')):
         fail(f"api_base_url must start with http:// or https://, got '{api_base_url}'")
-    try:  # an out_dir that cannot be made, a bad device, a missing model, a bad marker or layer fails here, before any work
+    try:  # an out_dir that cannot be made, a bad device, a missing model or a bad marker fails here, before any work
         nla.check_out_dir(out_dir)
         run_device = nla.resolve_device(device)
         tokenizer = nla.load_tokenizer(base_model)
         signature = nla.model_signature(base_model)
         prompt_ids, marker_pos = nla.av_prompt(tokenizer, marker)
-        backbone = nla.load_backbone(base_model, layer + 1, dtype, run_device)
     except ValueError as e:
         fail(str(e))
     d_model = signature['d_model']
-    corpus_docs, corpus_groups = read_corpus(corpus, group_column)
+    corpus_docs, corpus_groups = read_corpus(corpus, group_column)  # read before the model loads, which can take minutes
+    try:
+        backbone = nla.load_backbone(base_model, layer + 1, dtype, run_device)
+    except ValueError as e:
+        fail(str(e))
     first_group = {}  # a repeated text is one document, of its first group: in two splits it would leak
     for text, group in zip(corpus_docs, corpus_groups):
         first_group.setdefault(text, group)

@@ -225,7 +225,8 @@ def test_repeated_texts_are_one_document(tiny_dir, tmp_path, monkeypatch):
 
 def test_txt_corpus(tiny_dir, tmp_path, monkeypatch):
     corpus = tmp_path / 'c.txt'
-    corpus.write_text('\n\n'.join(d.replace('. ', '.\n') for d in synthetic_docs(30)))  # lines within a document
+    seps = ['\n\n', '\n  \n', '\n\t\n\n']  # blank lines, some holding spaces
+    corpus.write_text(''.join(d.replace('. ', '.\n') + seps[i % 3] for i, d in enumerate(synthetic_docs(30))))  # lines within a document
     run_datagen(monkeypatch, f'--base_model={tiny_dir["llama"]}', f'--corpus={corpus}', f'--out_dir={tmp_path / "out"}')
     assert sum(json.load(open(tmp_path / 'out' / 'meta.json'))['docs'].values()) == 30
 
@@ -407,6 +408,14 @@ def no_model_load(monkeypatch):
     def load(name):
         raise AssertionError('the model was loaded before the check')
     monkeypatch.setattr(nla, 'load_tokenizer', load)
+
+
+def test_a_missing_corpus_fails_before_the_model_loads(tiny_dir, tmp_path, monkeypatch):
+    def load(*args):
+        raise AssertionError('the model was loaded before the corpus was read')
+    monkeypatch.setattr(nla, 'load_backbone', load)
+    line = refusal(monkeypatch, f'--base_model={tiny_dir["llama"]}', '--corpus=/nonexistent.parquet', f'--out_dir={tmp_path / "out"}')
+    assert line == "datagen: corpus '/nonexistent.parquet' not found"
 
 
 def test_out_dir_that_is_a_file_fails_first(tiny_dir, tmp_path, monkeypatch):
