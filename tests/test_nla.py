@@ -154,6 +154,8 @@ def test_reconstructor_reads_hidden_states_k_plus_1(tiny_dir, family):
         torch.testing.assert_close(got[i], want, atol=1e-5, rtol=1e-5)
     assert len(nla.find_blocks(ar.backbone)[1]) == layer + 1  # the upper blocks were never built
     assert torch.equal(ar.head.weight, torch.eye(full.config.hidden_size)) and ar.head.weight.dtype == torch.float32
+    d = full.config.hidden_size  # so a fresh AR predicts that state scaled to norm sqrt(d)
+    torch.testing.assert_close(ar(ids, mask), got * math.sqrt(d) / got.norm(dim=1, keepdim=True), atol=1e-5, rtol=1e-5)
 
 
 def test_reconstructor_full_or_lora_trainables(tiny_dir):
