@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -254,7 +255,7 @@ def api_call(context, api_key):
         except urllib.error.HTTPError as e:
             if e.code != 429 and e.code < 500 or attempt == api_retries:
                 fail(f"teacher api: HTTP {e.code} from {api_base_url}: {e.read()[:200]!r}")
-        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:  # a dropped or cut answer too
+        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.IncompleteRead) as e:  # a dropped or cut answer too
             if attempt == api_retries:
                 fail(f"teacher api: {api_base_url} unreachable after {api_retries + 1} tries: {e}")
         time.sleep(2 ** attempt)
@@ -314,11 +315,19 @@ def main(config):
         fail(f"teacher='api' needs the key in the environment variable {api_key_env}, which is not set")
     if teacher == 'api' and not api_base_url.startswith(('http://', 'https://')):
         fail(f"api_base_url must start with http:// or https://, got '{api_base_url}'")
-    try:  # an out_dir that cannot be made, a bad device, a missing model or a bad marker fails here, before any work
+    if teacher == 'api':
+        try:  # a port that is not a number fails here, not at the first request
+            urllib.parse.urlsplit(api_base_url).port
+        except ValueError as e:
+            fail(f"api_base_url '{api_base_url}': {e}")
+    try:  # an out_dir that cannot be made, a bad device, dtype, model, marker or layer fails here, before any work
         nla.check_out_dir(out_dir)
         run_device = nla.resolve_device(device)
+        nla.torch_dtype(dtype)
         tokenizer = nla.load_tokenizer(base_model)
         signature = nla.model_signature(base_model)
+        if not 0 <= layer < signature['n_layers']:
+            raise ValueError(f"layer {layer} does not exist: {base_model} has blocks 0..{signature['n_layers'] - 1}")
         prompt_ids, marker_pos = nla.av_prompt(tokenizer, marker)
     except ValueError as e:
         fail(str(e))
@@ -350,7 +359,7 @@ def main(config):
           file=sys.stderr)
 
     # documents, never rows, are split. A document's group is its group_column value (or itself alone), and
-    # near-duplicates join their groups; a group goes whole to the split where it starts when the groups are laid
+    # documents that open alike and near-duplicates join their groups; a group goes whole to the split where it starts when the groups are laid
     # end to end in a seeded order
     kept_groups, runs = [groups[doc_id] for doc_id in kept], [token_runs(ids) for ids in docs_ids]
     # a row is drawn at min_position or after: documents that open alike up to there can give the very same rows

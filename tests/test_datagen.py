@@ -418,6 +418,18 @@ def test_a_missing_corpus_fails_before_the_model_loads(tiny_dir, tmp_path, monke
     assert line == "datagen: corpus '/nonexistent.parquet' not found"
 
 
+@pytest.mark.parametrize('args, message', [
+    (['--layer=4'], "layer 4 does not exist"),
+    (['--dtype=fp8'], "dtype 'fp8' is not one of"),
+    (['--teacher=api', '--api_base_url=http://localhost:8o8o/v1'], "api_base_url 'http://localhost:8o8o/v1': Port could not"),
+])
+def test_a_bad_layer_dtype_or_url_fails_before_the_corpus_is_read(tiny_dir, tmp_path, monkeypatch, args, message):
+    monkeypatch.setenv('OPENAI_API_KEY', 'test-key')
+    monkeypatch.setattr(datagen, 'read_corpus', lambda *a: pytest.fail('the corpus was read before the check'))
+    assert message in refusal(monkeypatch, f'--base_model={tiny_dir["llama"]}', f'--corpus={tiny_dir["corpus"]}',
+                              f'--out_dir={tmp_path / "out"}', *args)
+
+
 def test_out_dir_that_is_a_file_fails_first(tiny_dir, tmp_path, monkeypatch):
     out = tmp_path / 'out'
     out.write_text('keep me')

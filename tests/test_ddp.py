@@ -1,5 +1,6 @@
 """Data parallelism: torchrun --nproc_per_node=2 on the CPU (gloo) against one process over the same
-global batch. Each rank checks at every checkpoint that all ranks hold the same weights."""
+global batch. Each rank checks at every checkpoint that all ranks hold the same weights. Its pieces (the
+gradient buckets, that check) are also tested in this process."""
 import os
 import signal
 import subprocess

@@ -141,7 +141,8 @@ def test_prompt_without_chat_template_is_plain_text(tiny_dir):
 
 
 def test_reconstructor_reads_hidden_states_k_plus_1(tiny_dir, family):
-    """The AR's last-token state, before normalisation and head, is the full model's hidden_states[K+1]."""
+    """The AR's last-token state, before normalisation and head, is the full model's hidden_states[K+1]; a fresh AR
+    predicts it scaled to norm sqrt(d)."""
     layer = 1
     full = nla.load_lm(tiny_dir[family], 'float32')
     ar = nla.load_reconstructor(tiny_dir[family], layer, 'float32')
@@ -154,7 +155,7 @@ def test_reconstructor_reads_hidden_states_k_plus_1(tiny_dir, family):
         torch.testing.assert_close(got[i], want, atol=1e-5, rtol=1e-5)
     assert len(nla.find_blocks(ar.backbone)[1]) == layer + 1  # the upper blocks were never built
     assert torch.equal(ar.head.weight, torch.eye(full.config.hidden_size)) and ar.head.weight.dtype == torch.float32
-    d = full.config.hidden_size  # so a fresh AR predicts that state scaled to norm sqrt(d)
+    d = full.config.hidden_size
     torch.testing.assert_close(ar(ids, mask), got * math.sqrt(d) / got.norm(dim=1, keepdim=True), atol=1e-5, rtol=1e-5)
 
 
