@@ -1,6 +1,7 @@
 """The vLLM path against stand-ins (vLLM itself is never needed here): the weight push, the engine
-arguments, the post-processing of the engine's samples, and rl's vLLM branch with a stand-in engine. Where vllm imports (no GPU needed), the same
-arguments and sampling parameters also go through vLLM's own classes; test_vllm_engine.py runs an engine."""
+arguments, the post-processing of the engine's samples, and rl's vLLM branch with a stand-in engine. Where
+vllm imports (no GPU needed), the same arguments and sampling parameters also go through vLLM's own classes;
+test_vllm_engine.py runs an engine."""
 import importlib.util
 import os
 import signal
