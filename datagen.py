@@ -236,7 +236,8 @@ def context_explanation(context):
 
 
 def api_call(context, api_key):
-    """One chat completion with retries and exponential backoff on rate limits, server errors, timeouts and dropped connections."""
+    """One chat completion with retries and exponential backoff on rate limits, server errors, timeouts and
+    dropped connections."""
     body = json.dumps({'model': api_model, 'temperature': 0,
                        'messages': [{'role': 'user', 'content': API_INSTRUCTION.format(context=context)}]}).encode()
     request = urllib.request.Request(f"{api_base_url.rstrip('/')}/chat/completions", data=body, headers={
@@ -255,7 +256,7 @@ def api_call(context, api_key):
         except urllib.error.HTTPError as e:
             if e.code != 429 and e.code < 500 or attempt == api_retries:
                 fail(f"teacher api: HTTP {e.code} from {api_base_url}: {e.read()[:200]!r}")
-        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.IncompleteRead) as e:  # a dropped or cut answer too
+        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.IncompleteRead) as e:  # dropped, cut
             if attempt == api_retries:
                 fail(f"teacher api: {api_base_url} unreachable after {api_retries + 1} tries: {e}")
         time.sleep(2 ** attempt)
@@ -359,8 +360,8 @@ def main(config):
           file=sys.stderr)
 
     # documents, never rows, are split. A document's group is its group_column value (or itself alone), and
-    # documents that open alike and near-duplicates join their groups; a group goes whole to the split where it starts when the groups are laid
-    # end to end in a seeded order
+    # documents that open alike and near-duplicates join their groups; a group goes whole to the split where it
+    # starts when the groups are laid end to end in a seeded order
     kept_groups, runs = [groups[doc_id] for doc_id in kept], [token_runs(ids) for ids in docs_ids]
     # a row is drawn at min_position or after: documents that open alike up to there can give the very same rows
     kept_groups, joins = join_groups(kept_groups, same_opening_pairs(docs_ids, min_position + 1))
