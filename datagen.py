@@ -312,11 +312,11 @@ def main(config):
         fail(f"min_position={min_position} must be below max_length={max_length}, or no document has a position")
     if teacher not in ('context', 'api'):
         fail(f"teacher must be 'context' or 'api', got '{teacher}'")
-    if teacher == 'api' and not os.environ.get(api_key_env):
-        fail(f"teacher='api' needs the key in the environment variable {api_key_env}, which is not set")
-    if teacher == 'api' and not api_base_url.startswith(('http://', 'https://')):
-        fail(f"api_base_url must start with http:// or https://, got '{api_base_url}'")
     if teacher == 'api':
+        if not os.environ.get(api_key_env):
+            fail(f"teacher='api' needs the key in the environment variable {api_key_env}, which is not set")
+        if not api_base_url.startswith(('http://', 'https://')):
+            fail(f"api_base_url must start with http:// or https://, got '{api_base_url}'")
         try:  # a port that is not a number fails here, not at the first request
             urllib.parse.urlsplit(api_base_url).port
         except ValueError as e:
@@ -327,8 +327,7 @@ def main(config):
         nla.torch_dtype(dtype)
         tokenizer = nla.load_tokenizer(base_model)
         signature = nla.model_signature(base_model)
-        if not 0 <= layer < signature['n_layers']:
-            raise ValueError(f"layer {layer} does not exist: {base_model} has blocks 0..{signature['n_layers'] - 1}")
+        nla.check_layer(base_model, layer, signature['n_layers'])
         prompt_ids, marker_pos = nla.av_prompt(tokenizer, marker)
     except ValueError as e:
         fail(str(e))

@@ -86,6 +86,11 @@ def model_signature(name):
     return {'model_type': cfg.model_type, 'n_layers': cfg.num_hidden_layers, 'd_model': cfg.hidden_size}
 
 
+def check_layer(name, layer, n_layers):
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"layer {layer} does not exist: {name} has blocks 0..{n_layers - 1}")
+
+
 def from_pretrained(cls, name, **kwargs):
     """cls.from_pretrained(name), a model folder without weights or with a cut weights file said in one line."""
     try:
@@ -130,8 +135,7 @@ def load_backbone(name, n_blocks, dtype='bfloat16', device='cpu'):
     is the output of block n_blocks-1. The config is cut before loading, so upper blocks are never built."""
     config = AutoConfig.from_pretrained(name)
     text_config = config.get_text_config()
-    if not 1 <= n_blocks <= text_config.num_hidden_layers:
-        raise ValueError(f"layer {n_blocks - 1} does not exist: {name} has blocks 0..{text_config.num_hidden_layers - 1}")
+    check_layer(name, n_blocks - 1, text_config.num_hidden_layers)
     text_config.num_hidden_layers = n_blocks
     if getattr(text_config, 'layer_types', None):  # per-layer attention kinds (sliding/full) must match the count
         text_config.layer_types = text_config.layer_types[:n_blocks]
