@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -127,6 +128,12 @@ def read_log(out_dir, stage=None):
     with open(os.path.join(out_dir, 'log.jsonl')) as f:
         records = [json.loads(line) for line in f]
     return [r for r in records if stage is None or r['stage'] == stage]
+
+
+def rl_adapter_lora_B(out_dir):
+    """The lora_B weights of the adapter an rl run trains (adapter1, on top of the frozen SFT one): they start at 0."""
+    return [w for k, w in load_file(os.path.join(out_dir, 'av.safetensors')).items()
+            if k.startswith('adapter1.') and k.endswith('.lora_B')]
 
 
 def kill_group(p):

@@ -17,11 +17,14 @@ import train
 from conftest import ROOT, kill_group, read_log, run_script, wait_for_a_step
 
 
+TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', os.path.join(ROOT, 'train.py')]
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
+
+
 def torchrun(*args, ok=True):
     """train.py under torchrun with 2 ranks; (returncode, stderr). Killed with its ranks after 15 minutes (a hang)."""
-    p = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                          os.path.join(ROOT, 'train.py'), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'}, start_new_session=True)
+    p = subprocess.Popen([*TORCHRUN, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                         env=ENV, start_new_session=True)
     try:
         out, err = p.communicate(timeout=900)
     finally:
@@ -70,10 +73,8 @@ def test_a_sigterm_to_one_rank_stops_every_rank_at_the_same_saved_step(tiny_dir,
     """The ranks agree on a stop: a rank stopping alone would leave the others waiting in the next collective."""
     out = tmp_path / 'run'
     with open(tmp_path / 'stderr', 'w') as err:
-        p = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                              os.path.join(ROOT, 'train.py'), *common(tiny_dir, tiny_data), '--stage=sft_ar',
-                              '--max_steps=100000', f'--out_dir={out}'], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
-                             env={**os.environ, 'OMP_NUM_THREADS': '1'}, start_new_session=True)
+        p = subprocess.Popen([*TORCHRUN, *common(tiny_dir, tiny_data), '--stage=sft_ar', '--max_steps=100000', f'--out_dir={out}'],
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, env=ENV, start_new_session=True)
         try:
             wait_for_a_step(p, out, 'sft_ar')
             ranks = open(f'/proc/{p.pid}/task/{p.pid}/children').read().split()

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 import nla
 import train
-from conftest import ROOT, broken_copy, kill_group, read_log, run_script, tiny_gpt2, wait_for_a_step, zero_first_activation
+from conftest import (ROOT, broken_copy, kill_group, read_log, rl_adapter_lora_B, run_script, tiny_gpt2, wait_for_a_step,
+                      zero_first_activation)
 
 RL_ARGS = ['--stage=rl', '--max_new_tokens=64', '--length_slack=8', '--min_lr_frac=1.0', '--lr=1e-3', '--ar_lr=1e-3']
 
@@ -81,8 +82,8 @@ def test_resume_ends_in_the_same_state(tiny_dir, tiny_data, sft_runs, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     init = load_file(os.path.join(sft_runs['ar'], 'ar.safetensors'))
     assert not torch.equal(init['head.weight'], load_file(tmp_path / 'a' / 'ar.safetensors')['head.weight'])
-    live = [w for k, w in load_file(tmp_path / 'a' / 'av.safetensors').items() if k.startswith('adapter1.') and k.endswith('.lora_B')]
-    assert live and all(w.any() for w in live), 'the AV did not move'  # rl's adapter starts at B = 0
+    live = rl_adapter_lora_B(tmp_path / 'a')
+    assert live and all(w.any() for w in live), 'the AV did not move'
     assert [r['step'] for r in read_log(tmp_path / 'b', 'rl')] == [1, 2, 3, 4]
     assert read_log(tmp_path / 'b', 'rl')[2]['reward'] != 123.0
     p = run_script('train.py', *common, f'--out_dir={tmp_path / "b"}', '--max_steps=6', '--resume=True', '--kl_coef=0.5',
@@ -489,13 +490,18 @@ def test_check_config_refusals(monkeypatch, tmp_path, settings, message):
         train.check_config()
 
 
+def fresh_run():
+    """What run_loop reads of a run that has made no step, on one CPU process."""
+    return types.SimpleNamespace(step=0, eval_step=-1, bad_steps=0, skipped=0, stop=False, dev='cpu')
+
+
 def test_log_interval_logs_the_steps_it_names(monkeypatch):
     """--log_interval=2 over 5 steps logs steps 2 and 4, and the last."""
     logged = []
     monkeypatch.setattr(train, 'log_interval', 2)
     monkeypatch.setattr(train, 'save_checkpoint', lambda run: None)
     monkeypatch.setattr(train, 'log', lambda run, record: logged.append((record['stage'], record['step'])))
-    run = types.SimpleNamespace(step=0, eval_step=-1, bad_steps=0, skipped=0, stop=False, dev='cpu')
+    run = fresh_run()
     train.run_loop(run, 5, lambda step: {'ok': True}, lambda step: ({'stage': 'eval', 'step': step}, []))
     assert [s for stage, s in logged if stage != 'eval'] == [2, 4, 5]
 
@@ -530,7 +536,7 @@ def loop_events(monkeypatch, tmp_path, run, total, stop_at=None, stop_in_eval=No
 
 
 def test_a_sigterm_before_an_eval_saves_at_once_and_the_resume_makes_that_eval(monkeypatch, tmp_path):
-    run = types.SimpleNamespace(step=0, eval_step=-1, bad_steps=0, skipped=0, stop=False, dev='cpu')
+    run = fresh_run()
     events, message = loop_events(monkeypatch, tmp_path, run, 20, stop_at=4)
     assert events == [('eval', 0), ('save', 5, 0)] and 'stopped by SIGTERM at step 5' in message, events
     run.stop = False
@@ -539,7 +545,7 @@ def test_a_sigterm_before_an_eval_saves_at_once_and_the_resume_makes_that_eval(m
 
 
 def test_a_sigterm_in_the_first_eval_leaves_nothing_that_stops_a_rerun(monkeypatch, tmp_path):
-    run = types.SimpleNamespace(step=0, eval_step=-1, bad_steps=0, skipped=0, stop=False, dev='cpu')
+    run = fresh_run()
     events, message = loop_events(monkeypatch, tmp_path, run, 20, stop_in_eval=0)
     assert events == [('eval', 0)] and 'before the first step' in message, events
     assert not (tmp_path / 'log.jsonl').exists()
