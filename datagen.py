@@ -263,10 +263,11 @@ def api_call(context, api_key):
 
 
 def api_explanations(contexts, cache_path):
-    """Explanations from the api teacher, with an on-disk cache keyed by model and context, so an
-    interrupted run resumes without paying twice."""
+    """Explanations from the api teacher, with an on-disk cache keyed by endpoint, model and context, so an
+    interrupted run resumes without paying twice (two servers may give one name to different models)."""
     api_key = os.environ[api_key_env]  # checked by main() before any work
-    key = lambda c: hashlib.sha256(f"{api_model}\n{API_INSTRUCTION}\n{c}".encode()).hexdigest()
+    endpoint = api_base_url.rstrip('/')
+    key = lambda c: hashlib.sha256(f"{endpoint}\n{api_model}\n{API_INSTRUCTION}\n{c}".encode()).hexdigest()
     cache = {}
     if os.path.exists(cache_path):
         with open(cache_path, 'rb+') as f:
