@@ -615,6 +615,8 @@ def run_loop(run, total, update, evaluate_fn):
             return
         if run.step > start and not saved:
             save_checkpoint(run)
+        if not master_process:  # every rank stops here; rank 0 says why
+            raise SystemExit(1)
         if run.step > 0:
             fail(f"stopped by SIGTERM at step {run.step}: {out_dir}/ckpt.pt holds it, --resume=True continues")
         if master_process and os.path.exists(os.path.join(out_dir, 'log.jsonl')):  # a step-0 eval: a rerun makes it again
