@@ -883,6 +883,9 @@ def main(config):
         print(json.dumps(config))
     tokenizer = checked(nla.load_tokenizer, base_model)
     meta = checked(nla.read_data_meta, data_dir, base_model, tokenizer)
+    if meta['base_model'] != base_model:  # architecture and tokenizer are checked to match; the weights cannot be yet
+        print0(f"train: note: {data_dir} was made with {meta['base_model']}, this run loads {base_model}: "
+               "if their weights differ, the data's activations are not this model's", file=sys.stderr)
     torch.manual_seed(seed)  # the same fresh LoRA on every rank
     np.random.seed(seed)
     random.seed(seed)

@@ -314,6 +314,15 @@ def test_a_model_folder_without_its_weights_is_refused_in_one_line_before_writin
     assert not (tmp_path / 'out').exists()
 
 
+def test_data_made_under_another_model_name_gets_a_note(tiny_dir, tiny_data, tmp_path):
+    """The same architecture and tokenizer pass the data check, so a model of other weights would too: it is said."""
+    model = tmp_path / 'model'
+    shutil.copytree(tiny_dir['llama'], model)
+    args = ['config/tiny.py', f'--data_dir={tiny_data}', '--stage=sft_ar', '--max_steps=1']
+    note = f"train: note: {tiny_data} was made with {tiny_dir['llama']}, this run loads {model}"
+    assert note not in run_script('train.py', *args, f'--base_model={tiny_dir["llama"]}', f'--out_dir={tmp_path / "a"}').stderr
+    assert note in run_script('train.py', *args, f'--base_model={model}', f'--out_dir={tmp_path / "b"}').stderr
+
 def test_a_run_of_no_steps_is_refused_before_writing(tiny_dir, tiny_data, tmp_path):
     p = run_script('train.py', *base_args(tiny_dir, tiny_data), '--stage=sft_ar', '--batch_size=100000',
                    f'--out_dir={tmp_path / "out"}', ok=False)
