@@ -384,8 +384,8 @@ def main(config):
         start += len(group_docs[i])
     for s in nla.SPLITS:
         if splits[s] > 0 and s not in doc_split.values():
-            fail(f"split '{s}' got no document: {len(kept)} usable documents in {len(members)} groups are too few "
-                 f"for splits={splits}")
+            fail(f"split '{s}' got no document: {len(kept)} usable documents in {len(members)} groups (each goes to one "
+                 f"split; joined as said above) are too few for splits={splits}")
     if group_column:
         print(f"{len(members)} groups by '{group_column}', each one's documents in one split", file=sys.stderr)
     in_training = set().union(*(r for doc_id, r in zip(kept, runs) if doc_split[doc_id] != 'val'))
