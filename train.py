@@ -633,7 +633,8 @@ def run_loop(run, total, update, evaluate_fn):
             print_examples(examples)
             log(run, record)
             run.eval_step = step
-        saved = step > start and (step % ckpt_interval == 0 or step == total)
+        # a resume's eval at its first step is saved too: at the last step no later save would keep it
+        saved = (step > start or evaluated and step > 0) and (step % ckpt_interval == 0 or step == total)
         if saved:
             save_checkpoint(run)
         if step >= total:

@@ -553,6 +553,15 @@ def test_a_sigterm_before_an_eval_saves_at_once_and_the_resume_makes_that_eval(m
     assert events == [('eval', 5), ('eval', 6), ('save', 6, 6)] and message is None, events
 
 
+def test_a_sigterm_in_the_last_step_saves_and_the_resume_saves_the_last_eval(monkeypatch, tmp_path):
+    """Unsaved, the last eval would be dropped from the log by a later resume with a larger max_steps, and never made again."""
+    run = fresh_run()
+    events, message = loop_events(monkeypatch, tmp_path, run, 7, stop_at=6)
+    assert events == [('eval', 0), ('eval', 5), ('save', 7, 5)] and 'stopped by SIGTERM at step 7' in message, events
+    run.stop = False
+    events, message = loop_events(monkeypatch, tmp_path, run, 7)
+    assert events == [('eval', 7), ('save', 7, 7)] and message is None, events
+
 def test_a_sigterm_in_the_first_eval_leaves_nothing_that_stops_a_rerun(monkeypatch, tmp_path):
     run = fresh_run()
     events, message = loop_events(monkeypatch, tmp_path, run, 20, stop_in_eval=0)
