@@ -424,10 +424,22 @@ def trainable_state(module):
     return {n: p.detach().to('cpu', copy=True).contiguous() for n, p in module.named_parameters() if p.requires_grad}
 
 
-def save_weights(path, tensors, meta=None):
+@contextmanager
+def replacing(path):
+    """A temporary name to write path's new content to: renamed onto path once written, removed if the write fails,
+    so path is never half-written and a failed write (a full disk) leaves no partial file taking the space."""
     tmp = f"{path}.tmp{os.getpid()}"
-    save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in (meta or {}).items()})
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_weights(path, tensors, meta=None):
+    with replacing(path) as tmp:
+        save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in (meta or {}).items()})
 
 
 def load_trainable(module, tensors, what):

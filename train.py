@@ -500,7 +500,7 @@ def check_ranks_agree(run, dev):
 
 def save_checkpoint(run):
     """Trainable weights as safetensors (what a later stage's init_av/init_ar reads) and ckpt.pt with
-    everything a resume needs. Master only; each file is written to a temporary name, then renamed."""
+    everything a resume needs. Master only; each file is written to a temporary name, then renamed (nla.replacing)."""
     if ddp:
         check_ranks_agree(run, run.dev)
     if not master_process:
@@ -519,9 +519,8 @@ def save_checkpoint(run):
             'ar_opt': None if run.ar_opt is None else run.ar_opt.state_dict(),
             'rng': {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate(),
                     'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
-    path = os.path.join(out_dir, 'ckpt.pt')
-    torch.save(ckpt, path + '.tmp')
-    os.replace(path + '.tmp', path)
+    with nla.replacing(os.path.join(out_dir, 'ckpt.pt')) as tmp:
+        torch.save(ckpt, tmp)
 
 
 def lora_settings(run):
@@ -579,9 +578,8 @@ def load_checkpoint(run):
             # a last line cut by a crash has no newline: dropped, as are the steps and the eval that will run again
             records = [(line, json.loads(line)) for line in f if line.endswith('\n')]
             lines = [line for line, r in records if r['step'] <= (run.eval_step if r['stage'] == 'eval' else run.step)]
-        with open(log_path + '.tmp', 'w') as f:
+        with nla.replacing(log_path) as tmp, open(tmp, 'w') as f:
             f.writelines(lines)
-        os.replace(log_path + '.tmp', log_path)
     print0(f"resumed {path} at step {run.step}")
 
 

@@ -306,6 +306,19 @@ def test_load_av_refuses_a_file_not_made_by_save_av(tiny_dir, tmp_path, tensors,
         nla.load_av(lm_with_lora(tiny_dir['llama']), tmp_path / 'av.safetensors')
 
 
+def test_a_write_that_fails_keeps_the_old_file_and_leaves_no_partial_one(tmp_path):
+    path = tmp_path / 'ckpt.pt'
+    path.write_text('the last checkpoint')
+    with pytest.raises(OSError, match='No space left'):
+        with nla.replacing(path) as tmp:
+            with open(tmp, 'w') as f:
+                f.write('half of the n')
+            raise OSError(28, 'No space left on device')
+    assert path.read_text() == 'the last checkpoint' and os.listdir(tmp_path) == ['ckpt.pt']
+    with nla.replacing(path) as tmp, open(tmp, 'w') as f:
+        f.write('the next checkpoint')
+    assert path.read_text() == 'the next checkpoint' and os.listdir(tmp_path) == ['ckpt.pt']
+
 SIGNATURE = {'model_type': 'llama', 'n_layers': 4, 'd_model': 64, 'layer': 1}
 
 
