@@ -631,8 +631,8 @@ def run_loop(run, total, update, evaluate_fn):
             print_examples(examples)
             log(run, record)
             run.eval_step = step
-        # a resume's eval at its first step is saved too: at the last step no later save would keep it
-        saved = (step > start or evaluated and step > 0) and (step % ckpt_interval == 0 or step == total)
+        # a resume's eval at the last step is saved too (no later save would keep it)
+        saved = step > start and (step % ckpt_interval == 0 or step == total) or evaluated and step == total > 0
         if saved:
             save_checkpoint(run)
         if step >= total:
