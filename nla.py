@@ -92,11 +92,23 @@ def check_layer(name, layer, n_layers):
 
 
 def from_pretrained(cls, name, **kwargs):
-    """cls.from_pretrained(name), a model folder without weights or with a cut weights file said in one line."""
+    """cls.from_pretrained(name). A model folder without weights, a cut weights file, and weights that leave tensors
+    missing or of another shape (transformers would start those at random) are said in one line; weights the model
+    does not use (a cut backbone's upper blocks) are skipped silently."""
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # its load report: what matters in it is checked here
     try:
-        return cls.from_pretrained(name, **kwargs)
+        model, info = cls.from_pretrained(name, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
     except (OSError, SafetensorError) as e:
         raise ValueError(f"base_model '{name}': its weights cannot be loaded: {str(e).splitlines()[0]}") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    missing = sorted(info['missing_keys']) + [f"{k} ({tuple(a)} in the file, {tuple(b)} in the model)"
+                                              for k, a, b in info['mismatched_keys']]
+    if missing:
+        raise ValueError(f"base_model '{name}': {len(missing)} tensors are missing from its weights or of another "
+                         f"shape, first {missing[0]}: its files do not match its config.json")
+    return model
 
 
 def load_lm(name, dtype='bfloat16', device='cpu'):
@@ -139,12 +151,7 @@ def load_backbone(name, n_blocks, dtype='bfloat16', device='cpu'):
     text_config.num_hidden_layers = n_blocks
     if getattr(text_config, 'layer_types', None):  # per-layer attention kinds (sliding/full) must match the count
         text_config.layer_types = text_config.layer_types[:n_blocks]
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # the upper blocks' weights are skipped on purpose
-    try:
-        backbone = from_pretrained(AutoModel, name, config=config, dtype=torch_dtype(dtype))
-    finally:
-        transformers.logging.set_verbosity(verbosity)
+    backbone = from_pretrained(AutoModel, name, config=config, dtype=torch_dtype(dtype))
     parent, blocks = find_blocks(backbone)
     setattr(parent, find_final_norm(parent, blocks), nn.Identity())
     backbone.requires_grad_(False)

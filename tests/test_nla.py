@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import nla
 from conftest import tiny_gpt2
@@ -220,6 +220,22 @@ def test_missing_layer_is_a_clear_error(tiny_dir):
     with pytest.raises(ValueError, match='layer 9 does not exist'):
         nla.load_backbone(tiny_dir['llama'], 10, 'float32')
 
+
+@pytest.mark.parametrize('edit, message', [
+    (lambda w: w.pop('model.layers.0.mlp.up_proj.weight'), '1 tensors are missing from its weights or of another shape, first '),
+    (lambda w: w.update({'model.layers.0.mlp.up_proj.weight': w['model.layers.0.mlp.up_proj.weight'][:8]}),
+     'up_proj.weight ((8, 64) in the file, (128, 64) in the model)'),
+])
+@pytest.mark.parametrize('load', [lambda m: nla.load_lm(m, 'float32'), lambda m: nla.load_backbone(m, 1, 'float32')])
+def test_weights_that_do_not_fill_the_model_are_refused(tiny_dir, tmp_path, edit, message, load):
+    """transformers starts a missing or misshapen tensor at random with a warning: the activations would be noise."""
+    model = tmp_path / 'model'
+    shutil.copytree(tiny_dir['llama'], model)
+    weights = load_file(model / 'model.safetensors')
+    edit(weights)
+    save_file(weights, model / 'model.safetensors', metadata={'format': 'pt'})
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load(str(model))
 
 def test_mse_scale_and_reward():
     """Normalised to sqrt(d): aligned 0, orthogonal 2, opposite 4, whatever the norms; reward = -mse."""
