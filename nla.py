@@ -450,7 +450,8 @@ def save_weights(path, tensors, meta=None):
 
 
 def load_trainable(module, tensors, what):
-    """Copy `tensors` into the module's trainable parameters; the names and shapes must match exactly."""
+    """Copy `tensors` into the module's trainable parameters; the names and shapes must match exactly, and the
+    values be finite."""
     params = {n: p for n, p in module.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or unexpected:
@@ -459,6 +460,8 @@ def load_trainable(module, tensors, what):
         for n, p in params.items():
             if p.shape != tensors[n].shape:
                 raise ValueError(f"{what}: {n} has shape {tuple(tensors[n].shape)}, the model wants {tuple(p.shape)}")
+            if not torch.isfinite(tensors[n]).all():
+                raise ValueError(f"{what}: {n} holds NaN or inf")
             p.copy_(tensors[n])
 
 

@@ -359,6 +359,13 @@ def test_read_meta_checks_what_a_stage_needs(tmp_path, meta, needs, data_meta, m
             nla.read_meta(path, needs, data_meta)
 
 
+def test_weights_holding_nan_are_refused(tiny_dir):
+    ar = nla.load_reconstructor(tiny_dir['llama'], 1, 'float32')
+    state = nla.trainable_state(ar)
+    state['head.weight'][3, 5] = float('nan')
+    with pytest.raises(ValueError, match=re.escape('init_ar: head.weight holds NaN or inf')):
+        nla.load_trainable(ar, state, 'init_ar')
+
 def test_ar_save_load_bit_identical(tiny_dir, tmp_path):
     torch.manual_seed(0)
     ar = nla.load_reconstructor(tiny_dir['qwen3'], 1, 'float32')
