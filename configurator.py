@@ -62,7 +62,7 @@ def configure(script_globals, argv=None):
                 _fail(f"'{arg}' must look like --key=value")
             try:
                 value = raw if isinstance(config.get(key), str) else ast.literal_eval(raw)
-            except (SyntaxError, ValueError):
+            except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):  # TypeError: {[]: 1}
                 value = raw
             config[key] = _check(key, value, config, 'the command line')
     script_globals.update(config)

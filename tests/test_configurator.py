@@ -30,6 +30,8 @@ def test_int_for_float_is_fine():
     (['--lr'], "must look like --key=value"),
     (['--lr=1e999'], "'lr' in the command line must be a finite number"),
     (['--lr=' + '9' * 400], "'lr' in the command line must be a finite number"),
+    (['--steps={[]: 1}'], "'steps' in the command line must be int"),  # a literal that cannot be built
+    (['--lr=' + '1+' * 5000 + '1'], "'lr' in the command line must be float"),  # one too deep to build
     (['missing.py'], "config file 'missing.py' not found"),
     (['lr=0.1'], "config file 'lr=0.1' not found (a setting is written --lr=0.1)"),
 ])
