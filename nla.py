@@ -73,6 +73,8 @@ def load_tokenizer(name):
         tok = AutoTokenizer.from_pretrained(name)
     except OSError as e:
         raise ValueError(f"base_model '{name}' is not a model folder, and the hub did not give it ({type(e).__name__})") from e
+    except ValueError as e:  # no tokenizer files, an unknown model_type
+        raise ValueError(f"base_model '{name}': its tokenizer cannot be loaded: {' '.join(str(e).split())}") from None
     if tok.eos_token_id is None:  # the AV's responses end with it, and padding falls back to it
         raise ValueError(f"base_model '{name}': its tokenizer has no end-of-sequence token")
     if tok.pad_token_id is None:  # padding is always masked explicitly, so any id will do
@@ -82,7 +84,10 @@ def load_tokenizer(name):
 
 def model_signature(name):
     """What data and weights record of the model they were made with, so that another one is refused."""
-    cfg = AutoConfig.from_pretrained(name).get_text_config()
+    try:
+        cfg = AutoConfig.from_pretrained(name).get_text_config()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"base_model '{name}': its config cannot be loaded: {' '.join(str(e).split())}") from None
     return {'model_type': cfg.model_type, 'n_layers': cfg.num_hidden_layers, 'd_model': cfg.hidden_size}
 
 

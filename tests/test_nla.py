@@ -1,4 +1,5 @@
 """nla.py: LoRA, injection, the reconstructor, the metrics and save/load, on tiny random models (its data readers: test_datagen.py)."""
+import json
 import math
 import os
 import re
@@ -215,6 +216,22 @@ def test_a_tokenizer_without_an_end_token_is_refused(tiny_dir, tmp_path):
     with pytest.raises(ValueError, match='its tokenizer has no end-of-sequence token'):
         nla.load_tokenizer(str(tmp_path))
 
+
+def test_a_model_folder_without_tokenizer_files_is_one_line(tiny_dir, tmp_path):
+    for f in ('config.json', 'model.safetensors'):
+        shutil.copy(os.path.join(tiny_dir['llama'], f), tmp_path)
+    with pytest.raises(ValueError, match=f"base_model '{re.escape(str(tmp_path))}': its tokenizer cannot be loaded: ") as e:
+        nla.load_tokenizer(str(tmp_path))
+    assert '\n' not in str(e.value)
+
+
+def test_a_model_type_transformers_does_not_know_is_one_line(tiny_dir, tmp_path):
+    shutil.copytree(tiny_dir['llama'], tmp_path / 'model')
+    config = json.loads((tmp_path / 'model' / 'config.json').read_text())
+    (tmp_path / 'model' / 'config.json').write_text(json.dumps({**config, 'model_type': 'nosuchmodel'}))
+    with pytest.raises(ValueError, match="its config cannot be loaded: .*model type `nosuchmodel`") as e:
+        nla.model_signature(str(tmp_path / 'model'))
+    assert '\n' not in str(e.value)
 
 def test_missing_layer_is_a_clear_error(tiny_dir):
     with pytest.raises(ValueError, match='layer 9 does not exist'):
