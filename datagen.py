@@ -301,6 +301,8 @@ def main(config):
     fractions = numbers and all(v >= 0 for v in splits.values()) and abs(sum(splits.values()) - 1) <= 1e-6  # NaN fails
     if set(splits) != set(nla.SPLITS) or not fractions:
         fail(f"splits must give fractions of {nla.SPLITS} summing to 1, got {splits}")
+    if splits['val'] == 0:
+        fail("splits['val'] is 0, but every stage of train.py evaluates on val")
     if not 0 <= seed < 2**32:  # numpy's seeds
         fail(f"seed must be in [0, 2**32), got {seed}")
     for name, low in (('batch_size', 1), ('positions_per_doc', 1), ('max_docs', 0), ('min_position', 0),

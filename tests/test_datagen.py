@@ -347,6 +347,7 @@ def test_refusal_on_the_command_line_is_one_line_without_traceback(tiny_dir, tmp
     (['--layer=4'], "layer 4 does not exist"),
     (['--splits={"av_sft": 0.5, "rl": 0.5}'], "splits must give fractions"),
     (['--splits={"av_sft": "0.3", "ar_sft": 0.3, "rl": 0.3, "val": 0.1}'], "splits must give fractions"),
+    (['--splits={"av_sft": 0.4, "ar_sft": 0.3, "rl": 0.3, "val": 0}'], "splits['val'] is 0, but every stage"),
     (['--teacher=oracle'], "teacher must be"),
     (['--max_docs=2'], "got no document"),
     (['--max_docs=-5'], "max_docs must be >= 0"),
