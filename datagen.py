@@ -453,9 +453,15 @@ if __name__ == '__main__':
     config = configurator.configure(globals())
     print(json.dumps(config))
     signal.signal(signal.SIGTERM, lambda *_: fail("stopped by SIGTERM"))  # so the temporary files are removed
-    made_out_dir = not os.path.exists(out_dir)
+    missing, folder = [], os.path.abspath(out_dir)  # out_dir and the folders above it not there yet, deepest first
+    while not os.path.exists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
     try:
         main(config)
     finally:
-        if made_out_dir and os.path.isdir(out_dir) and not os.listdir(out_dir):
-            os.rmdir(out_dir)  # a run stopped before writing anything leaves no empty folder
+        for folder in missing:  # a run stopped before writing anything leaves no empty folder it made
+            if os.path.isdir(folder):
+                if os.listdir(folder):
+                    break
+                os.rmdir(folder)

@@ -635,12 +635,12 @@ def test_an_answer_that_is_not_a_chat_completion_is_one_line_and_leaves_no_folde
     server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), NotATeacher)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        p = run_script('datagen.py', 'config/datagen_tiny.py', *api_args(tiny_dir, tmp_path / 'out', f'http://127.0.0.1:{server.server_port}/v1'),
+        p = run_script('datagen.py', 'config/datagen_tiny.py', *api_args(tiny_dir, tmp_path / 'out' / 'l20', f'http://127.0.0.1:{server.server_port}/v1'),
                        ok=False, env={'OPENAI_API_KEY': 'test-key'})
     finally:
         server.shutdown()
     assert "answered with no chat completion text: b'<html>hello</html>'" in p.stderr.strip().splitlines()[-1]
-    assert not (tmp_path / 'out').exists()  # made for the teacher's cache, empty, and removed
+    assert os.listdir(tmp_path) == []  # out/l20, made for the teacher's cache, empty, and removed with out/
 
 # -----------------------------------------------------------------------------
 # what train.py reads: nla.read_data_meta and nla.read_split
