@@ -504,7 +504,7 @@ def read_meta(path, needs=(), data_meta=None):
         with safe_open(path, 'pt') as f:
             meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
     except (SafetensorError, ValueError):  # ValueError: metadata that save_weights did not write
-        raise ValueError(f"{path} is not a safetensors file written by this train.py") from None
+        raise ValueError(f"{path} is not a safetensors file written by this train.py (cut short, or another file?)") from None
     missing = sorted({*needs, *(IDENTITY if data_meta else ())} - meta.keys())
     if missing:
         raise ValueError(f"{path} has no {', '.join(missing)} in its metadata: "

@@ -863,7 +863,8 @@ def check_config():
     if resume and not has_ckpt:
         fail(f"resume=True but {os.path.join(out_dir, 'ckpt.pt')} does not exist")
     if not resume and has_ckpt:
-        fail(f"{out_dir} holds another run's ckpt.pt: pass --resume=True to continue it, or choose another out_dir")
+        fail(f"{out_dir} holds another run's ckpt.pt: " + ("choose another out_dir" if stage == 'eval' else
+                                                            "pass --resume=True to continue it, or choose another out_dir"))
     if not resume and os.path.exists(os.path.join(out_dir, 'log.jsonl')):
         fail(f"{out_dir} holds the log.jsonl of an eval or of a run that died before its first checkpoint: "
              "delete it or choose another out_dir")

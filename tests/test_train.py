@@ -266,9 +266,12 @@ def test_refuses_an_av_and_an_ar_of_other_steps_in_one_folder(tiny_dir, tiny_dat
         eval_fails(tiny_dir, tiny_data, tmp_path, both, both)
 
 
-def test_refuses_another_runs_out_dir(tiny_dir, tiny_data, sft_runs):
-    p = run_script('train.py', *base_args(tiny_dir, tiny_data), '--stage=sft_ar', f'--out_dir={sft_runs["ar"]}', ok=False)
-    assert "holds another run's ckpt.pt" in p.stderr.strip().splitlines()[-1]
+@pytest.mark.parametrize('stage, advice', [('sft_ar', 'pass --resume=True to continue it, or choose another out_dir'),
+                                           ('eval', 'choose another out_dir')])  # an eval has nothing to resume
+def test_refuses_another_runs_out_dir(tiny_dir, tiny_data, sft_runs, stage, advice):
+    p = run_script('train.py', *base_args(tiny_dir, tiny_data), f'--stage={stage}', f'--out_dir={sft_runs["ar"]}',
+                   f'--init_av={sft_runs["av"]}', f'--init_ar={sft_runs["ar"]}', ok=False)
+    assert p.stderr.strip().splitlines()[-1].endswith(f"holds another run's ckpt.pt: {advice}")
 
 
 def test_refuses_an_out_dir_with_a_log_but_no_checkpoint(tiny_dir, tiny_data, sft_runs, tmp_path):
