@@ -108,11 +108,11 @@ def from_pretrained(cls, name, **kwargs):
         raise ValueError(f"base_model '{name}': its weights cannot be loaded: {str(e).splitlines()[0]}") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
-    missing = sorted(info['missing_keys']) + [f"{k} ({tuple(a)} in the file, {tuple(b)} in the model)"
-                                              for k, a, b in info['mismatched_keys']]
-    if missing:
-        raise ValueError(f"base_model '{name}': {len(missing)} tensors are missing from its weights or of another "
-                         f"shape, first {missing[0]}: its files do not match its config.json")
+    bad = sorted(info['missing_keys']) + [f"{k} ({tuple(a)} in the file, {tuple(b)} in the model)"
+                                          for k, a, b in info['mismatched_keys']]
+    if bad:
+        raise ValueError(f"base_model '{name}': {len(bad)} tensors are missing from its weights or of another "
+                         f"shape, first {bad[0]}: its files do not match its config.json")
     return model
 
 

@@ -617,7 +617,7 @@ def run_loop(run, total, update, evaluate_fn):
             raise SystemExit(1)
         if run.step > 0:
             fail(f"stopped by SIGTERM at step {run.step}: {out_dir}/ckpt.pt holds it, --resume=True continues")
-        if master_process and os.path.exists(os.path.join(out_dir, 'log.jsonl')):  # a step-0 eval: a rerun makes it again
+        if os.path.exists(os.path.join(out_dir, 'log.jsonl')):  # a step-0 eval: a rerun makes it again
             os.remove(os.path.join(out_dir, 'log.jsonl'))
         fail("stopped by SIGTERM before the first step: only config.json is written, and the same command starts again")
 
