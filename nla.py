@@ -440,7 +440,7 @@ def trainable_state(module):
 def replacing(path):
     """A temporary name to write path's new content to: renamed onto path once written, removed if the write fails,
     so path is never half-written and a failed write (a full disk) leaves no partial file taking the space."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = f"{path}.tmp"  # one name: the next write replaces what a killed one (SIGKILL: no finally) left
     try:
         yield tmp
         os.replace(tmp, path)
