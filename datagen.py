@@ -453,10 +453,7 @@ if __name__ == '__main__':
     config = configurator.configure(globals())
     print(json.dumps(config))
     signal.signal(signal.SIGTERM, lambda *_: fail("stopped by SIGTERM"))  # so the temporary files are removed
-    missing, folder = [], os.path.abspath(out_dir)  # out_dir and the folders above it not there yet, deepest first
-    while not os.path.exists(folder):
-        missing.append(folder)
-        folder = os.path.dirname(folder)
+    missing = nla.missing_folders(out_dir)
     try:
         main(config)
     finally:

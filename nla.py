@@ -518,15 +518,23 @@ def read_meta(path, needs=(), data_meta=None):
 # the data: datagen.py writes it, train.py reads it; both sides of the contract are here
 
 
+def missing_folders(path):
+    """path and the folders above it that do not exist yet, deepest first."""
+    missing, folder = [], os.path.abspath(path)
+    while not os.path.exists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    return missing
+
+
 def check_out_dir(path):
     """An out_dir that is a folder or can be made one, checked before the work (nothing is created here)."""
     if not path:
         raise ValueError("out_dir is empty")
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"out_dir '{path}' is a file, not a folder")
-    parent = os.path.abspath(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
+    missing = missing_folders(path)
+    parent = os.path.dirname(missing[-1]) if missing else os.path.abspath(path)  # the folder out_dir is made in
     if not os.path.isdir(parent):
         raise ValueError(f"out_dir '{path}' cannot be made: '{parent}' is a file")
     if not os.access(parent, os.W_OK | os.X_OK):
