@@ -42,6 +42,8 @@ def configure(script_globals, argv=None):
               if not k.startswith('_') and not k.isupper() and type(v) in CONFIG_TYPES}
     for arg in argv:
         if not arg.startswith('--'):
+            if os.path.isdir(arg):
+                _fail(f"config file '{arg}' is a folder")
             if not os.path.isfile(arg):
                 hint = f" (a setting is written --{arg})" if '=' in arg else ''
                 _fail(f"config file '{arg}' not found{hint}")
@@ -49,7 +51,7 @@ def configure(script_globals, argv=None):
             try:
                 with open(arg) as f:
                     exec(compile(f.read(), arg, 'exec'), namespace)
-            except Exception as e:  # the file's own error, in one line
+            except (Exception, SystemExit) as e:  # the file's own error, in one line; its exit() would stop with status 0
                 _fail(f"config file '{arg}' failed: {type(e).__name__}: {e}")
             for key, value in namespace.items():
                 if key.startswith('_') or (key not in config and (callable(value) or isinstance(value, types.ModuleType))):

@@ -34,6 +34,7 @@ def test_int_for_float_is_fine():
     (['--lr=' + '1+' * 5000 + '1'], "'lr' in the command line must be float"),  # one too deep to build
     (['missing.py'], "config file 'missing.py' not found"),
     (['lr=0.1'], "config file 'lr=0.1' not found (a setting is written --lr=0.1)"),
+    (['tests'], "config file 'tests' is a folder"),
 ])
 def test_bad_arguments_stop_with_one_line(argv, message):
     with pytest.raises(SystemExit) as e:
@@ -62,7 +63,8 @@ def test_save_config(tmp_path):
     assert json.loads((tmp_path / 'out' / 'config.json').read_text()) == defaults()
 
 
-@pytest.mark.parametrize('text, message', [("lr = (3e-4\n", "failed: SyntaxError"), ("lr = 2 * undefined\n", "failed: NameError")])
+@pytest.mark.parametrize('text, message', [("lr = (3e-4\n", "failed: SyntaxError"), ("lr = 2 * undefined\n", "failed: NameError"),
+                                           ("raise SystemExit\n", "failed: SystemExit")])  # whose status would be 0
 def test_a_config_file_that_raises_stops_with_one_line(tmp_path, text, message):
     cfg = tmp_path / 'c.py'
     cfg.write_text(text)
