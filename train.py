@@ -436,11 +436,12 @@ def ar_step(ar, tokenizer, texts, acts, opt, lr_now, dev):
 
 
 def eval_shard(n_val):
-    """This rank's contiguous share of the first eval_rows val rows, equal on every rank."""
-    per_rank = min(eval_rows, n_val) // ddp_world_size
-    if per_rank == 0:
-        fail(f"eval_rows={eval_rows} and a val split of {n_val} rows leave nothing for {ddp_world_size} ranks")
-    return list(range(ddp_rank * per_rank, (ddp_rank + 1) * per_rank))
+    """This rank's contiguous share of the first eval_rows val rows: the ranks' shares differ by at most one row and
+    together are all of them, so an eval under torchrun scores the rows one process would."""
+    n = min(eval_rows, n_val)
+    if n < ddp_world_size:
+        fail(f"eval_rows={eval_rows} and a val split of {n_val} rows leave nothing for some of the {ddp_world_size} ranks")
+    return list(range(ddp_rank * n // ddp_world_size, (ddp_rank + 1) * n // ddp_world_size))
 
 
 def evaluate(run, val, step):

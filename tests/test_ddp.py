@@ -52,7 +52,8 @@ def common(tiny_dir, tiny_data):
 @pytest.mark.parametrize('stage, weights', [('sft_av', ['av.safetensors']), ('sft_ar', ['ar.safetensors']),
                                             ('rl', ['av.safetensors', 'ar.safetensors'])])
 def test_two_ranks_equal_one_process(tiny_dir, tiny_data, sft_runs, tmp_path, stage, weights):
-    args = [*common(tiny_dir, tiny_data), f'--stage={stage}', '--max_steps=2', '--lr=3e-3', '--ar_lr=3e-3']
+    # 23 eval rows: 11 on one rank, 12 on the other
+    args = [*common(tiny_dir, tiny_data), f'--stage={stage}', '--max_steps=2', '--lr=3e-3', '--ar_lr=3e-3', '--eval_rows=23']
     if stage == 'rl':
         args += [f'--init_av={sft_runs["av"]}', f'--init_ar={sft_runs["ar"]}']
     run_script('train.py', *args, f'--out_dir={tmp_path / "one"}')
@@ -64,6 +65,9 @@ def test_two_ranks_equal_one_process(tiny_dir, tiny_data, sft_runs, tmp_path, st
             'zero_adv_frac', 'ar_loss'] if stage == 'rl' else ['loss']
     for key in keys:  # logged metrics are over the global batch
         assert [r[key] for r in one] == pytest.approx([r[key] for r in two], abs=1e-4, nan_ok=True), key
+    keys = {'sft_av': ['val_loss'], 'sft_ar': ['fve', 'val_mse'], 'rl': ['rows']}[stage]  # rl's evals sample
+    for key in keys:  # at step 0 and at the last step
+        assert [r[key] for r in read_log(tmp_path / 'one', 'eval')] == pytest.approx([r[key] for r in read_log(tmp_path / 'two', 'eval')], abs=1e-4), key
     init = load_file(os.path.join(sft_runs['ar'], 'ar.safetensors')) if stage == 'rl' else None
     if init is not None:  # the step really moved the AR
         assert not torch.equal(init['head.weight'], load_file(tmp_path / 'two' / 'ar.safetensors')['head.weight'])

@@ -460,12 +460,16 @@ def test_optimizer_step_skips_non_finite_gradients():
     assert not ok and torch.equal(w.data, torch.ones(3)) and w.grad is None
 
 
-def test_eval_shards_are_equal_and_contiguous(monkeypatch):
+def test_eval_shards_are_contiguous_and_together_every_eval_row(monkeypatch):
+    """10 rows over 3 ranks are 3 + 3 + 4: none is dropped, so the eval scores the rows one process would."""
     monkeypatch.setattr(train, 'eval_rows', 10)
     monkeypatch.setattr(train, 'ddp_world_size', 3)
-    monkeypatch.setattr(train, 'ddp_rank', 2)
-    assert train.eval_shard(100) == [6, 7, 8]
-    with pytest.raises(SystemExit, match='leave nothing for 3 ranks'):
+    shards = []
+    for rank in range(3):
+        monkeypatch.setattr(train, 'ddp_rank', rank)
+        shards.append(train.eval_shard(100))
+    assert shards == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
+    with pytest.raises(SystemExit, match='leave nothing for some of the 3 ranks'):
         train.eval_shard(2)
 
 
