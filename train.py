@@ -859,6 +859,10 @@ def check_config():
         fail("stage 'rl' needs max_steps > 0")
     if stage in ('rl', 'eval') and (not init_av or not init_ar):
         fail(f"stage '{stage}' needs init_av and init_ar (the sft_av and sft_ar out_dirs)")
+    unused = {'sft_av': ('init_ar', 'context_ar'), 'sft_ar': ('init_av', 'context_ar')}.get(stage, ())
+    for name in unused:
+        if globals()[name]:
+            fail(f"stage '{stage}' does not use {name} (given {globals()[name]!r}): leave it out")
     checked(nla.check_out_dir, out_dir)
     has_ckpt = os.path.isfile(os.path.join(out_dir, 'ckpt.pt'))
     if resume and not has_ckpt:

@@ -496,6 +496,8 @@ def test_eval_shards_are_contiguous_and_together_every_eval_row(monkeypatch):
     ({'length_slack': -1}, 'length_slack must not be negative'),
     ({'rollout': 'vllm', 'stage': 'eval', 'init_av': 'a', 'init_ar': 'b'}, 'pip install vllm==0.26.0'),
     ({'wandb_log': True}, 'pip install wandb'),
+    ({'stage': 'sft_av', 'init_ar': 'b'}, "stage 'sft_av' does not use init_ar"),
+    ({'stage': 'sft_ar', 'context_ar': 'c'}, "stage 'sft_ar' does not use context_ar"),
 ])
 def test_check_config_refusals(monkeypatch, tmp_path, settings, message):
     monkeypatch.setattr(train, 'out_dir', str(tmp_path))
