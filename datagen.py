@@ -332,14 +332,11 @@ def main(config):
         signature = nla.model_signature(base_model)
         nla.check_layer(base_model, layer, signature['n_layers'])
         prompt_ids, marker_pos = nla.av_prompt(tokenizer, marker)
-    except ValueError as e:
-        fail(str(e))
-    d_model = signature['d_model']
-    corpus_docs, corpus_groups = read_corpus(corpus, group_column)  # read before the model loads, which can take minutes
-    try:
+        corpus_docs, corpus_groups = read_corpus(corpus, group_column)  # read before the model loads, which can take minutes
         backbone = nla.load_backbone(base_model, layer + 1, dtype, run_device)
     except ValueError as e:
         fail(str(e))
+    d_model = signature['d_model']
     first_group = {}  # a repeated text is one document, of its first group: in two splits it would leak
     for text, group in zip(corpus_docs, corpus_groups):
         first_group.setdefault(text, group)
