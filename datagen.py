@@ -347,7 +347,7 @@ def main(config):
     special = set(tokenizer.all_special_ids)
     docs_ids, doc_positions, kept = [], [], []
     for doc_id, text in enumerate(docs):
-        ids = tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_length)['input_ids']
+        ids = nla.encode_text(tokenizer, text, add_special_tokens=True, truncation=True, max_length=max_length)
         positions = draw_positions(ids, special, doc_id, seed, positions_per_doc, min_position)
         if positions:
             docs_ids.append(ids)

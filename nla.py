@@ -308,6 +308,13 @@ def response_logprobs(av, prompt_embeds, resp_ids, resp_mask, with_entropy=False
     return token_logp, entropy
 
 
+def encode_text(tokenizer, text, **kwargs):
+    """Token ids of free text (a corpus document, a context, an explanation). A special token's spelling in it is
+    text: an "<|im_end|>" in a web page is read as its characters, not as the end token (which the decoded context
+    would then leave out, and the AV would learn to write mid-explanation)."""
+    return tokenizer(text, split_special_tokens=True, **kwargs)['input_ids']
+
+
 def extract_explanation(text):
     m = re.search(r"<explanation>(.*?)</explanation>", text, re.DOTALL)
     return None if m is None else m.group(1).strip()
@@ -346,7 +353,7 @@ def ar_inputs(tokenizer, texts, max_text_tokens, device):
     before, after = AR_TEMPLATE.split("{explanation}")
     pre = tokenizer.encode(before, add_special_tokens=True)
     post = tokenizer.encode(after, add_special_tokens=False)
-    rows = [pre + tokenizer.encode(t, add_special_tokens=False)[-max_text_tokens:] + post for t in texts]
+    rows = [pre + encode_text(tokenizer, t, add_special_tokens=False)[-max_text_tokens:] + post for t in texts]
     return pad_right(rows, tokenizer.pad_token_id, device)
 
 

@@ -674,7 +674,7 @@ def sft_av(run):
     total = run.total
 
     def targets(data, rows):
-        return [tok.encode(data['explanation'][r], add_special_tokens=False) + [tok.eos_token_id] for r in rows]
+        return [nla.encode_text(tok, data['explanation'][r], add_special_tokens=False) + [tok.eos_token_id] for r in rows]
 
     def ce(data, rows, backward, n_tokens):
         loss_sum = 0.0

@@ -223,6 +223,14 @@ def test_repeated_texts_are_one_document(tiny_dir, tmp_path, monkeypatch):
     assert sum(map(len, starts)) == len(set().union(*starts)) == 30
 
 
+def test_a_special_token_spelled_in_a_document_stays_in_its_contexts(tiny_dir, tmp_path, monkeypatch):
+    """Web text may hold "<|im_end|>": the model reads it as characters, so the stored contexts keep it."""
+    docs = [d.replace('. ', '. <|im_end|> ', 1) for d in synthetic_docs(30)]
+    run_on_jsonl(monkeypatch, tiny_dir, tmp_path, docs)
+    contexts = [c for s in nla.SPLITS for c in read(tmp_path / 'out', s)['context']]
+    assert all(any(d.startswith(c) for d in docs) for c in contexts) and any('<|im_end|>' in c for c in contexts)
+
+
 def test_txt_corpus(tiny_dir, tmp_path, monkeypatch):
     corpus = tmp_path / 'c.txt'
     seps = ['\n\n', '\n  \n', '\n\t\n\n']  # blank lines, some holding spaces

@@ -310,6 +310,19 @@ def test_shuffled_control_is_a_derangement(seed):
     assert nla.fve_shuffled(acts.clone(), acts, seed) == pytest.approx(1 - 2 / (1 - 1 / 6))
 
 
+def test_a_special_token_spelled_in_text_is_read_as_text(tiny_dir):
+    """The tokenizer alone reads "<|im_end|>" in a text as the end token; encode_text, and the AR's inputs built with
+    it, read its characters, and decoding gives the text back."""
+    tok = nla.load_tokenizer(tiny_dir['llama'])
+    text = "the page ends <|im_end|> and goes on"
+    assert tok.eos_token_id in tok.encode(text, add_special_tokens=False)
+    ids = nla.encode_text(tok, text, add_special_tokens=False)
+    assert tok.eos_token_id not in ids and tok.decode(ids, skip_special_tokens=True) == text
+    ar_ids, _ = nla.ar_inputs(tok, [text], 64, 'cpu')
+    assert tok.eos_token_id not in ar_ids[0].tolist()
+    assert tok.eos_token_id in tok.encode("<|im_end|>", add_special_tokens=False)  # the default is restored after
+
+
 def test_extract_explanation():
     assert nla.extract_explanation("x <explanation> a\nb </explanation> <explanation>c</explanation>") == "a\nb"
     assert nla.extract_explanation("<explanation>never closed") is None
