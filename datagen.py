@@ -40,7 +40,7 @@ import nla
 base_model = 'HuggingFaceTB/SmolLM2-135M-Instruct'  # hub id or local folder
 corpus = 'data/corpus.parquet'  # .parquet (a `text` column), .jsonl ({"text": ...}), .txt (blank-line separated), or hf://OWNER/REPO/FILE.parquet
 out_dir = 'data/smollm2_l20'
-max_docs = 0  # 0: every document of the corpus
+max_docs = 0  # the first max_docs distinct texts (a parquet or .jsonl is read only that far); 0: every one
 group_column = ''  # a corpus column (e.g. 'source': one book) whose documents all go to one split; '' = each alone
 near_duplicate = 0.5  # two documents sharing this fraction of the smaller one's 13-token runs (of the tokens read) go to one split; 0: off
 # positions
@@ -91,9 +91,16 @@ def progress(done, total, t0, what):
         print(line, file=sys.stderr, flush=True)
 
 
-def read_corpus(path, group_column=''):
+def read_corpus(path, group_column='', max_docs=0):
     """Document strings from a local file or an hf:// parquet, and each one's group as a string: its group_column
-    value, or without a group_column its own place in the file."""
+    value, or without a group_column its own place in the file. Given max_docs, a parquet or .jsonl is read only
+    until it has given that many distinct texts (a hub shard holds far more than a small run uses)."""
+    distinct = set()
+
+    def enough(texts):
+        distinct.update(t for t in texts if isinstance(t, str) and t.strip())
+        return 0 < max_docs <= len(distinct)
+
     if path.startswith('hf://'):
         from huggingface_hub import hf_hub_download
         parts = path[len('hf://'):].split('/', 2)
@@ -109,13 +116,18 @@ def read_corpus(path, group_column=''):
         fail(f"corpus '{path}' not found")
     try:  # ArrowInvalid, JSONDecodeError and UnicodeDecodeError are all ValueErrors
         if path.endswith('.parquet'):
-            table = pq.read_table(path)
-            if 'text' not in table.column_names:
-                fail(f"corpus '{path}' has no 'text' column (columns: {table.column_names})")
-            if group_column and group_column not in table.column_names:
-                fail(f"corpus '{path}' has no '{group_column}' column (group_column; columns: {table.column_names})")
-            docs = table.column('text').to_pylist()
-            groups = table.column(group_column).to_pylist() if group_column else list(range(len(docs)))
+            parquet = pq.ParquetFile(path)
+            names = parquet.schema_arrow.names
+            if 'text' not in names:
+                fail(f"corpus '{path}' has no 'text' column (columns: {names})")
+            if group_column and group_column not in names:
+                fail(f"corpus '{path}' has no '{group_column}' column (group_column; columns: {names})")
+            docs, groups = [], []
+            for batch in parquet.iter_batches(1024, columns=list(dict.fromkeys(['text', group_column or 'text']))):
+                groups += batch.column(group_column).to_pylist() if group_column else range(len(docs), len(docs) + len(batch))
+                docs += batch.column('text').to_pylist()
+                if enough(docs[-len(batch):]):
+                    break
         elif path.endswith('.jsonl'):
             docs, groups = [], []
             with open(path, encoding='utf-8-sig') as f:  # -sig: a leading byte-order mark is not text
@@ -127,6 +139,8 @@ def read_corpus(path, group_column=''):
                     except (ValueError, KeyError, TypeError):
                         fail(f"corpus '{path}' line {n} is not a JSON object with a 'text' key"
                              + (f" and a '{group_column}' key (group_column)" if group_column else ''))
+                    if enough(docs[-1:]):
+                        break
         elif path.endswith('.txt'):
             if group_column:
                 fail(f"corpus '{path}' is a .txt, which has no columns: group_column must be ''")
@@ -332,7 +346,7 @@ def main(config):
         signature = nla.model_signature(base_model)
         nla.check_layer(base_model, layer, signature['n_layers'])
         prompt_ids, marker_pos = nla.av_prompt(tokenizer, marker)
-        corpus_docs, corpus_groups = read_corpus(corpus, group_column)  # read before the model loads, which can take minutes
+        corpus_docs, corpus_groups = read_corpus(corpus, group_column, max_docs)  # read before the model loads, which can take minutes
         backbone = nla.load_backbone(base_model, layer + 1, dtype, run_device)
     except ValueError as e:
         fail(str(e))

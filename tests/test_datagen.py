@@ -231,6 +231,17 @@ def test_a_special_token_spelled_in_a_document_stays_in_its_contexts(tiny_dir, t
     assert all(any(d.startswith(c) for d in docs) for c in contexts) and any('<|im_end|>' in c for c in contexts)
 
 
+def test_max_docs_reads_the_corpus_only_as_far_as_it_needs(tmp_path):
+    """The first max_docs distinct non-empty texts, as from the whole file; a .jsonl's later lines are never parsed."""
+    texts = [f"text {i // 2}" if i % 3 else '' for i in range(5000)]  # empty and repeated texts among them
+    pq.write_table(pa.table({'text': texts}), tmp_path / 'c.parquet')
+    docs, _ = datagen.read_corpus(str(tmp_path / 'c.parquet'), '', 5)
+    whole, _ = datagen.read_corpus(str(tmp_path / 'c.parquet'))
+    assert len(docs) < len(whole) and list(dict.fromkeys(docs))[:5] == list(dict.fromkeys(whole))[:5]
+    (tmp_path / 'c.jsonl').write_text(''.join(json.dumps({'text': f"text {i}"}) + '\n' for i in range(6)) + 'not json\n')
+    assert len(datagen.read_corpus(str(tmp_path / 'c.jsonl'), '', 5)[0]) == 5
+
+
 def test_txt_corpus(tiny_dir, tmp_path, monkeypatch):
     corpus = tmp_path / 'c.txt'
     seps = ['\n\n', '\n  \n', '\n\t\n\n']  # blank lines, some holding spaces
