@@ -249,14 +249,16 @@ def context_explanation(context):
     return "<explanation>\n" + "\n".join(lines) + "\n</explanation>"
 
 
-def api_call(context, api_key):
+def api_call(context, api_key, stop):
     """One chat completion with retries and exponential backoff on rate limits, server errors, timeouts and
-    dropped connections."""
+    dropped connections; None once `stop` is set (the run is ending: no more tries)."""
     body = json.dumps({'model': api_model, 'temperature': 0,
                        'messages': [{'role': 'user', 'content': API_INSTRUCTION.format(context=context)}]}).encode()
     request = urllib.request.Request(f"{api_base_url.rstrip('/')}/chat/completions", data=body, headers={
         'Content-Type': 'application/json', 'Authorization': f"Bearer {api_key}"})
     for attempt in range(api_retries + 1):
+        if stop.is_set():
+            return None
         try:
             with urllib.request.urlopen(request, timeout=120) as response:
                 answer = response.read()
@@ -273,7 +275,7 @@ def api_call(context, api_key):
         except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.IncompleteRead) as e:  # dropped, cut
             if attempt == api_retries:
                 fail(f"teacher api: {api_base_url} unreachable after {api_retries + 1} tries: {e}")
-        time.sleep(2 ** attempt)
+        stop.wait(2 ** attempt)
 
 
 def api_explanations(contexts, cache_path):
@@ -294,10 +296,12 @@ def api_explanations(contexts, cache_path):
             except (ValueError, KeyError, TypeError):
                 fail(f"teacher cache '{cache_path}' line {n} is not a cache entry: delete that line or the file")
     todo = sorted({c for c in contexts if key(c) not in cache})
-    lock, t0, done = threading.Lock(), time.time(), [0]
+    lock, t0, done, stop = threading.Lock(), time.time(), [0], threading.Event()
 
     def work(c):
-        text = api_call(c, api_key)
+        text = api_call(c, api_key, stop)
+        if text is None:
+            return
         with lock, open(cache_path, 'a') as f:
             f.write(json.dumps({'key': key(c), 'explanation': text}) + '\n')
             cache[key(c)] = text
@@ -306,7 +310,11 @@ def api_explanations(contexts, cache_path):
 
     print(f"teacher api: {len(contexts) - len(todo)} cached, {len(todo)} to ask", file=sys.stderr)
     with ThreadPoolExecutor(api_concurrency) as pool:
-        list(pool.map(work, todo))
+        try:
+            list(pool.map(work, todo))
+        except BaseException:  # a failed request, Ctrl-C or SIGTERM: the queued contexts are dropped, and the
+            stop.set()  # requests in flight make no further tries (one already sent ends within its 120 s timeout)
+            raise
     return [cache[key(c)] for c in contexts]
 
 

@@ -601,12 +601,42 @@ def test_api_call_retries_a_rate_limit_a_dropped_connection_and_a_cut_answer(mon
     server = http.server.HTTPServer(('127.0.0.1', 0), FlakyTeacher)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setattr(datagen, 'api_base_url', f'http://127.0.0.1:{server.server_port}/v1')
-    monkeypatch.setattr(datagen, 'time', types.SimpleNamespace(sleep=lambda s: None))  # no backoff wait in a test
     try:
-        assert datagen.api_call('some context', 'test-key') == '<explanation>x</explanation>'
+        assert datagen.api_call('some context', 'test-key', threading.Event()) == '<explanation>x</explanation>'
     finally:
         server.shutdown()
     assert FlakyTeacher.calls == 2
+
+
+class HalfFatalTeacher(http.server.BaseHTTPRequestHandler):
+    """A context holding FATAL gets HTTP 400, which no retry mends; any other a rate limit, retried."""
+    other_calls = 0
+
+    def do_POST(self):
+        fatal = 'FATAL' in json.loads(self.rfile.read(int(self.headers['Content-Length'])))['messages'][0]['content']
+        HalfFatalTeacher.other_calls += not fatal
+        self.send_response(400 if fatal else 429)
+        self.send_header('Content-Length', '0')
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_failed_request_stops_the_others_retrying(tmp_path, monkeypatch):
+    """The run ends at the first request that fails for good (as at Ctrl-C or SIGTERM): the rate-limited request in
+    flight beside it makes no further tries, where it had gone on for all of api_retries."""
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), HalfFatalTeacher)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    for name, value in (('api_base_url', f'http://127.0.0.1:{server.server_port}/v1'), ('api_retries', 3), ('api_concurrency', 2)):
+        monkeypatch.setattr(datagen, name, value)
+    monkeypatch.setenv(datagen.api_key_env, 'test-key')
+    try:
+        with pytest.raises(SystemExit, match='HTTP 400'):
+            datagen.api_explanations(['FATAL context', 'other context'], str(tmp_path / 'cache.jsonl'))
+    finally:
+        server.shutdown()
+    assert HalfFatalTeacher.other_calls <= 1
 
 
 def test_api_key_missing_fails_first_and_leaves_no_folder(tiny_dir, tmp_path, monkeypatch):
