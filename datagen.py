@@ -93,7 +93,8 @@ def progress(done, total, t0, what):
 
 def read_corpus(path, group_column='', max_docs=0):
     """Document strings from a local file or an hf:// parquet, and each one's group as a string: its group_column
-    value, or without a group_column its own place in the file. Given max_docs, a parquet or .jsonl is read only
+    value, or without a group_column its own place in the file, and its row in the file (from 0; a .jsonl's line
+    less one; a .txt's text, counted by blank lines). Given max_docs, a parquet or .jsonl is read only
     until it has given that many distinct texts (a hub shard holds far more than a small run uses)."""
     distinct = set()
 
@@ -162,13 +163,14 @@ def read_corpus(path, group_column='', max_docs=0):
     missing = [i for i in keep if groups[i] is None]
     if missing:
         fail(f"corpus '{path}': document {missing[0]} has no '{group_column}' (group_column; {len(missing)} such)")
-    return [docs[i] for i in keep], [str(groups[i]) for i in keep]
+    return [docs[i] for i in keep], [str(groups[i]) for i in keep], keep
 
 
-def draw_positions(ids, special, doc_id, seed, positions_per_doc, min_position):
-    """Sorted positions >= min_position on non-special tokens, from an RNG seeded by (seed, doc_id)."""
+def draw_positions(ids, special, text, seed, positions_per_doc, min_position):
+    """Sorted positions >= min_position on non-special tokens, from an RNG seeded by seed and the document's text:
+    a document gets the same positions whatever else the corpus holds (and an api teacher's cache still serves them)."""
     candidates = [p for p in range(min_position, len(ids)) if ids[p] not in special]
-    rng = np.random.default_rng([seed, doc_id])
+    rng = np.random.default_rng([seed, int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], 'little')])
     k = min(positions_per_doc, len(candidates))
     return sorted(rng.choice(candidates, size=k, replace=False).tolist()) if k else []
 
@@ -354,36 +356,37 @@ def main(config):
         signature = nla.model_signature(base_model)
         nla.check_layer(base_model, layer, signature['n_layers'])
         prompt_ids, marker_pos = nla.av_prompt(tokenizer, marker)
-        corpus_docs, corpus_groups = read_corpus(corpus, group_column, max_docs)  # read before the model loads, which can take minutes
+        corpus_docs, corpus_groups, corpus_rows = read_corpus(corpus, group_column, max_docs)  # read before the model loads, which can take minutes
         backbone = nla.load_backbone(base_model, layer + 1, dtype, run_device)
     except ValueError as e:
         fail(str(e))
     d_model = signature['d_model']
-    first_group = {}  # a repeated text is one document, of its first group: in two splits it would leak
-    for text, group in zip(corpus_docs, corpus_groups):
-        first_group.setdefault(text, group)
-    repeats = len(corpus_docs) - len(first_group)
-    docs, groups = list(first_group)[:max_docs or None], list(first_group.values())[:max_docs or None]
+    first = {}  # a repeated text is one document, of its first row and group: in two splits it would leak
+    for text, group, row in zip(corpus_docs, corpus_groups, corpus_rows):
+        first.setdefault(text, (row, group))
+    repeats = len(corpus_docs) - len(first)
+    docs = list(first.items())[:max_docs or None]  # (text, (doc_id = its row in the corpus, group))
 
     # positions per document; short documents are skipped and counted
     special = set(tokenizer.all_special_ids)
-    docs_ids, doc_positions, kept = [], [], []
-    for doc_id, text in enumerate(docs):
+    docs_ids, doc_positions, kept, kept_groups = [], [], [], []
+    for text, (doc_id, group) in docs:
         ids = nla.encode_text(tokenizer, text, add_special_tokens=True, truncation=True, max_length=max_length)
-        positions = draw_positions(ids, special, doc_id, seed, positions_per_doc, min_position)
+        positions = draw_positions(ids, special, text, seed, positions_per_doc, min_position)
         if positions:
             docs_ids.append(ids)
             doc_positions.append(positions)
             kept.append(doc_id)
+            kept_groups.append(group)
     skipped = len(docs) - len(kept)
     print(f"{len(docs)} documents ({repeats} repeats of earlier texts dropped from the corpus): {len(kept)} used, "
-          f"{skipped} skipped as shorter than min_position={min_position} tokens",
+          f"{skipped} skipped as having no token at min_position={min_position} or after",
           file=sys.stderr)
 
     # documents, never rows, are split. A document's group is its group_column value (or itself alone), and
     # documents that open alike and near-duplicates join their groups; a group goes whole to the split where it
     # starts when the groups are laid end to end in a seeded order
-    kept_groups, runs = [groups[doc_id] for doc_id in kept], [token_runs(ids) for ids in docs_ids]
+    runs = [token_runs(ids) for ids in docs_ids]
     # a row is drawn at min_position or after: documents that open alike up to there can give the very same rows
     kept_groups, joins = join_groups(kept_groups, same_opening_pairs(docs_ids, min_position + 1))
     print(f"documents opening with the same {min_position + 1} tokens: joined {joins} pairs of groups", file=sys.stderr)

@@ -156,15 +156,16 @@ def test_positions_follow_the_contract(tiny_data):
 def test_positions_are_deterministic_per_document():
     from datagen import draw_positions
     ids = list(range(100))
-    a = draw_positions(ids, {0, 55}, doc_id=3, seed=1, positions_per_doc=5, min_position=50)
-    assert a == draw_positions(ids, {0, 55}, 3, 1, 5, 50) and min(a) >= 50
-    assert a != draw_positions(ids, {0, 55}, 4, 1, 5, 50)
+    a = draw_positions(ids, {0, 55}, text='a text', seed=1, positions_per_doc=5, min_position=50)
+    assert a == draw_positions(ids, {0, 55}, 'a text', 1, 5, 50) and min(a) >= 50
+    assert a != draw_positions(ids, {0, 55}, 'another text', 1, 5, 50)
+    assert a != draw_positions(ids, {0, 55}, 'a text', 2, 5, 50)
 
 
 def test_positions_skip_special_tokens():
     from datagen import draw_positions
     special = set(range(50, 97))  # of the positions >= 50, only 97, 98 and 99 hold ordinary tokens
-    assert draw_positions(list(range(100)), special, doc_id=3, seed=1, positions_per_doc=5, min_position=50) == [97, 98, 99]
+    assert draw_positions(list(range(100)), special, text='a text', seed=1, positions_per_doc=5, min_position=50) == [97, 98, 99]
 
 
 def test_config_is_the_block_between_the_rules():
@@ -215,6 +216,23 @@ def test_empty_and_null_texts_are_skipped_and_counted(tiny_dir, tmp_path, monkey
     assert sum(json.load(open(tmp_path / 'out' / 'meta.json'))['docs'].values()) == 30
 
 
+def test_doc_id_is_the_row_in_the_corpus_and_rows_do_not_depend_on_the_others(tiny_dir, tmp_path, monkeypatch):
+    """doc_id is the document's row in the corpus file, with empty and repeated texts before it; and a document's
+    rows (positions, contexts) are the same when other documents are put in front of it."""
+    docs = synthetic_docs(30)
+    texts = ['', docs[0], None] + docs[:10] + docs[10:]
+
+    def rows(texts, out):
+        pq.write_table(pa.table({'text': texts}), tmp_path / 'c.parquet')
+        run_datagen(monkeypatch, f'--base_model={tiny_dir["llama"]}', f'--corpus={tmp_path / "c.parquet"}', f'--out_dir={out}')
+        return {(d, p, c) for s in nla.SPLITS for d, p, c in zip(*(read(out, s)[k] for k in ('doc_id', 'position', 'context')))}
+
+    shifted = rows(texts, tmp_path / 'a')
+    assert all(texts[d].startswith(c) for d, _, c in shifted) and {d for d, _, _ in shifted} == {1, *range(4, 33)}
+    plain = rows(docs, tmp_path / 'b')
+    assert {(texts.index(docs[d], 1), p, c) for d, p, c in plain} == shifted
+
+
 def test_repeated_texts_are_one_document(tiny_dir, tmp_path, monkeypatch):
     docs = synthetic_docs(30)
     meta = run_on_jsonl(monkeypatch, tiny_dir, tmp_path, docs + docs[:6])
@@ -235,8 +253,8 @@ def test_max_docs_reads_the_corpus_only_as_far_as_it_needs(tmp_path):
     """The first max_docs distinct non-empty texts, as from the whole file; a .jsonl's later lines are never parsed."""
     texts = [f"text {i // 2}" if i % 3 else '' for i in range(5000)]  # empty and repeated texts among them
     pq.write_table(pa.table({'text': texts}), tmp_path / 'c.parquet')
-    docs, _ = datagen.read_corpus(str(tmp_path / 'c.parquet'), '', 5)
-    whole, _ = datagen.read_corpus(str(tmp_path / 'c.parquet'))
+    docs, _, _ = datagen.read_corpus(str(tmp_path / 'c.parquet'), '', 5)
+    whole, _, _ = datagen.read_corpus(str(tmp_path / 'c.parquet'))
     assert len(docs) < len(whole) and list(dict.fromkeys(docs))[:5] == list(dict.fromkeys(whole))[:5]
     (tmp_path / 'c.jsonl').write_text(''.join(json.dumps({'text': f"text {i}"}) + '\n' for i in range(6)) + 'not json\n')
     assert len(datagen.read_corpus(str(tmp_path / 'c.jsonl'), '', 5)[0]) == 5
