@@ -411,7 +411,7 @@ def main(config):
             fail(f"split '{s}' got no document: {len(kept)} usable documents in {len(members)} groups (each goes to one "
                  f"split; joined as said above) are too few for splits={splits}")
     if group_column:
-        print(f"{len(members)} groups by '{group_column}', each one's documents in one split", file=sys.stderr)
+        print(f"{len(members)} groups by '{group_column}' (after the joins above), each one's documents in one split", file=sys.stderr)
     in_training = set().union(*(r for doc_id, r in zip(kept, runs) if doc_split[doc_id] != 'val'))
     shares = [len(r & in_training) / max(len(r), 1) for doc_id, r in zip(kept, runs) if doc_split[doc_id] == 'val']
     print(f"val documents with at least half of their {RUN_TOKENS}-token runs in training documents: "
