@@ -15,6 +15,7 @@ or bad input leaves nothing half-written.
 import collections
 import hashlib
 import http.client
+import itertools
 import json
 import os
 import re
@@ -166,13 +167,14 @@ def read_corpus(path, group_column='', max_docs=0):
     return [docs[i] for i in keep], [str(groups[i]) for i in keep], keep
 
 
-def draw_positions(ids, special, text, seed, positions_per_doc, min_position):
-    """Sorted positions >= min_position on non-special tokens, from an RNG seeded by seed and the document's text:
-    a document gets the same positions whatever else the corpus holds (and an api teacher's cache still serves them)."""
+def draw_positions(ids, special, text, seed, positions_per_doc, min_position, ends_a_character=lambda p: True):
+    """Sorted positions >= min_position on non-special tokens that end a character, from an RNG seeded by seed and the
+    document's text: a document gets the same positions whatever else the corpus holds (and an api teacher's cache
+    still serves them)."""
     candidates = [p for p in range(min_position, len(ids)) if ids[p] not in special]
     rng = np.random.default_rng([seed, int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], 'little')])
-    k = min(positions_per_doc, len(candidates))
-    return sorted(rng.choice(candidates, size=k, replace=False).tolist()) if k else []
+    drawn = (p for p in rng.permutation(candidates).tolist() if ends_a_character(p))
+    return sorted(itertools.islice(drawn, positions_per_doc))
 
 
 RUN_TOKENS = 13  # the length of the token runs that near-duplicates and the val-overlap line compare
@@ -372,7 +374,10 @@ def main(config):
     docs_ids, doc_positions, kept, kept_groups = [], [], [], []
     for text, (doc_id, group) in docs:
         ids = nla.encode_text(tokenizer, text, add_special_tokens=True, truncation=True, max_length=max_length)
-        positions = draw_positions(ids, special, text, seed, positions_per_doc, min_position)
+        # a byte-level token can end inside a character of several bytes: its context would end in U+FFFD (no
+        # character takes more than 4 tokens, so decoding the last 4 shows it)
+        positions = draw_positions(ids, special, text, seed, positions_per_doc, min_position,
+                                   lambda p: not tokenizer.decode(ids[max(0, p - 3):p + 1]).endswith('\ufffd'))
         if positions:
             docs_ids.append(ids)
             doc_positions.append(positions)

@@ -162,6 +162,22 @@ def test_positions_are_deterministic_per_document():
     assert a != draw_positions(ids, {0, 55}, 'a text', 2, 5, 50)
 
 
+def test_positions_end_a_character():
+    """Of the positions >= 50, only the even ones end a character here: every position drawn is even."""
+    from datagen import draw_positions
+    drawn = draw_positions(list(range(100)), set(), 'a text', 1, 10, 50, ends_a_character=lambda p: p % 2 == 0)
+    assert len(drawn) == 10 and all(p % 2 == 0 for p in drawn)
+
+
+def test_contexts_of_text_in_characters_of_several_bytes_end_whole(tiny_dir, tmp_path, monkeypatch):
+    """The test tokenizer has learnt no Japanese: each of its characters is 3 byte tokens. No context ends inside one."""
+    docs = [d.replace(' ', ' 日本語の文章 ', 3) for d in synthetic_docs(30)]
+    run_on_jsonl(monkeypatch, tiny_dir, tmp_path, docs, '--positions_per_doc=20')
+    contexts = [c for s in nla.SPLITS for c in read(tmp_path / 'out', s)['context']]
+    assert len(contexts) > 300 and not any(c.endswith('\ufffd') for c in contexts)
+    assert sum(c[-1] in '日本語の文章' for c in contexts) > 10  # ending after a whole character is kept
+
+
 def test_positions_skip_special_tokens():
     from datagen import draw_positions
     special = set(range(50, 97))  # of the positions >= 50, only 97, 98 and 99 hold ordinary tokens
