@@ -95,13 +95,19 @@ def progress(done, total, t0, what):
 def read_corpus(path, group_column='', max_docs=0):
     """Document strings from a local file or an hf:// parquet, and each one's group as a string: its group_column
     value, or without a group_column its own place in the file, and its row in the file (from 0; a .jsonl's line
-    less one; a .txt's text, counted by blank lines). Given max_docs, a parquet or .jsonl is read only
-    until it has given that many distinct texts (a hub shard holds far more than a small run uses)."""
+    less one; a .txt's text, counted by blank lines). Given max_docs, the file ends, for every format, at the text that
+    makes max_docs distinct ones, and a parquet or .jsonl is read no further (a hub shard holds far more than a small
+    run uses)."""
     distinct = set()
 
-    def enough(texts):
-        distinct.update(t for t in texts if isinstance(t, str) and t.strip())
-        return 0 < max_docs <= len(distinct)
+    def taken(texts):
+        """How many of texts, which follow those already read, the corpus keeps."""
+        for i, t in enumerate(texts):
+            if isinstance(t, str) and t.strip() and t not in distinct:
+                distinct.add(t)
+                if len(distinct) == max_docs:
+                    return i + 1
+        return len(texts)
 
     if path.startswith('hf://'):
         from huggingface_hub import hf_hub_download
@@ -125,10 +131,12 @@ def read_corpus(path, group_column='', max_docs=0):
             if group_column and group_column not in names:
                 fail(f"corpus '{path}' has no '{group_column}' column (group_column; columns: {names})")
             docs, groups = [], []
-            for batch in parquet.iter_batches(1024, columns=list(dict.fromkeys(['text', group_column or 'text']))):
-                groups += batch.column(group_column).to_pylist() if group_column else range(len(docs), len(docs) + len(batch))
-                docs += batch.column('text').to_pylist()
-                if enough(docs[-len(batch):]):
+            for batch in parquet.iter_batches(1024, columns=['text'] + ([group_column] if group_column not in ('', 'text') else [])):
+                texts = batch.column('text').to_pylist()
+                n = taken(texts)
+                groups += batch.column(group_column).to_pylist()[:n] if group_column else range(len(docs), len(docs) + n)
+                docs += texts[:n]
+                if 0 < max_docs == len(distinct):
                     break
         elif path.endswith('.jsonl'):
             docs, groups = [], []
@@ -141,13 +149,15 @@ def read_corpus(path, group_column='', max_docs=0):
                     except (ValueError, KeyError, TypeError):
                         fail(f"corpus '{path}' line {n} is not a JSON object with a 'text' key"
                              + (f" and a '{group_column}' key (group_column)" if group_column else ''))
-                    if enough(docs[-1:]):
+                    taken(docs[-1:])
+                    if 0 < max_docs == len(distinct):
                         break
         elif path.endswith('.txt'):
             if group_column:
                 fail(f"corpus '{path}' is a .txt, which has no columns: group_column must be ''")
             with open(path, encoding='utf-8-sig') as f:
                 docs = re.split(r'\n\s*\n', f.read())  # a blank line may hold spaces
+            docs = docs[:taken(docs)]
             groups = list(range(len(docs)))
         else:
             fail(f"corpus '{path}' must be .parquet, .jsonl or .txt")
@@ -303,7 +313,11 @@ def api_explanations(contexts, cache_path):
     lock, t0, done, stop = threading.Lock(), time.time(), [0], threading.Event()
 
     def work(c):
-        text = api_call(c, api_key, stop)
+        try:
+            text = api_call(c, api_key, stop)
+        except BaseException:  # a request failed for good: the others make no further tries
+            stop.set()
+            raise
         if text is None:
             return
         with lock, open(cache_path, 'a') as f:
@@ -385,7 +399,8 @@ def main(config):
             kept_groups.append(group)
     skipped = len(docs) - len(kept)
     print(f"{len(docs)} documents ({repeats} repeats of earlier texts dropped from the corpus): {len(kept)} used, "
-          f"{skipped} skipped as having no token at min_position={min_position} or after",
+          f"{skipped} skipped as having no position to draw (a token at min_position={min_position} or after, not special, "
+          "that ends a character)",
           file=sys.stderr)
 
     # documents, never rows, are split. A document's group is its group_column value (or itself alone), and

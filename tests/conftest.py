@@ -167,7 +167,8 @@ def sft_runs(tiny_dir, tiny_data, tmp_path_factory):
     base = ['config/tiny.py', f'--base_model={tiny_dir["llama"]}', f'--data_dir={tiny_data}']
     out = {k: str(root / k) for k in ('av', 'ar', 'ar_context')}
     run_script('train.py', *base, '--stage=sft_av', f'--out_dir={out["av"]}', '--epochs=5', '--lr=3e-3', '--eval_interval=50')
-    run_script('train.py', *base, '--stage=sft_ar', f'--out_dir={out["ar"]}', '--max_steps=300', '--ar_lr=3e-3',
+    # ar_lr 2e-3: at 3e-3 the AR sometimes stays on the constant-prediction plateau (1 seed in 4 on one draw of the data)
+    run_script('train.py', *base, '--stage=sft_ar', f'--out_dir={out["ar"]}', '--max_steps=300', '--ar_lr=2e-3',
                '--eval_interval=100', '--eval_rows=160')
     run_script('train.py', *base, '--stage=sft_ar', '--ar_input=context', f'--out_dir={out["ar_context"]}',
                '--max_steps=100', '--ar_lr=3e-3', '--eval_interval=100', '--eval_rows=160')

@@ -34,12 +34,16 @@ def test_int_for_float_is_fine():
     (['--lr=' + '1+' * 5000 + '1'], "'lr' in the command line must be float"),  # one too deep to build
     (['missing.py'], "config file 'missing.py' not found"),
     (['lr=0.1'], "config file 'lr=0.1' not found (a setting is written --lr=0.1)"),
-    (['tests'], "config file 'tests' is a folder"),
 ])
 def test_bad_arguments_stop_with_one_line(argv, message):
     with pytest.raises(SystemExit) as e:
         configurator.configure(defaults(), argv)
     assert message in str(e.value) and '\n' not in str(e.value)
+
+
+def test_a_config_path_that_is_a_folder_is_named_so(tmp_path):
+    with pytest.raises(SystemExit, match=f"config file '{tmp_path}' is a folder"):
+        configurator.configure(defaults(), [str(tmp_path)])
 
 
 @pytest.mark.parametrize('value', ['3', 'None', '__import__("numpy").int64(3)'])

@@ -266,14 +266,16 @@ def test_a_special_token_spelled_in_a_document_stays_in_its_contexts(tiny_dir, t
 
 
 def test_max_docs_reads_the_corpus_only_as_far_as_it_needs(tmp_path):
-    """The first max_docs distinct non-empty texts, as from the whole file; a .jsonl's later lines are never parsed."""
+    """The corpus ends at the text that makes max_docs distinct ones, in every format alike (what follows, repeats
+    included, is not counted); a .jsonl's later lines are never parsed, nor a parquet's later batches."""
     texts = [f"text {i // 2}" if i % 3 else '' for i in range(5000)]  # empty and repeated texts among them
     pq.write_table(pa.table({'text': texts}), tmp_path / 'c.parquet')
-    docs, _, _ = datagen.read_corpus(str(tmp_path / 'c.parquet'), '', 5)
-    whole, _, _ = datagen.read_corpus(str(tmp_path / 'c.parquet'))
-    assert len(docs) < len(whole) and list(dict.fromkeys(docs))[:5] == list(dict.fromkeys(whole))[:5]
-    (tmp_path / 'c.jsonl').write_text(''.join(json.dumps({'text': f"text {i}"}) + '\n' for i in range(6)) + 'not json\n')
-    assert len(datagen.read_corpus(str(tmp_path / 'c.jsonl'), '', 5)[0]) == 5
+    (tmp_path / 'c.jsonl').write_text(''.join(json.dumps({'text': t}) + '\n' for t in texts[:20]) + 'not json\n')
+    (tmp_path / 'c.txt').write_text('\n\n'.join(t for t in texts[:40] if t))
+    want = ['text 0', 'text 1', 'text 2', 'text 2', 'text 3', 'text 4']  # through the fifth distinct text
+    for name in ('c.parquet', 'c.jsonl', 'c.txt'):
+        assert datagen.read_corpus(str(tmp_path / name), '', 5)[0] == want, name
+    assert len(datagen.read_corpus(str(tmp_path / 'c.parquet'))[0]) == 3333  # read whole, without max_docs
 
 
 def test_txt_corpus(tiny_dir, tmp_path, monkeypatch):
@@ -667,7 +669,7 @@ def test_a_failed_request_stops_the_others_retrying(tmp_path, monkeypatch):
     monkeypatch.setenv(datagen.api_key_env, 'test-key')
     try:
         with pytest.raises(SystemExit, match='HTTP 400'):
-            datagen.api_explanations(['FATAL context', 'other context'], str(tmp_path / 'cache.jsonl'))
+            datagen.api_explanations(['a context', 'z FATAL context'], str(tmp_path / 'cache.jsonl'))  # sorted: FATAL asked last
     finally:
         server.shutdown()
     assert HalfFatalTeacher.other_calls <= 1
