@@ -113,8 +113,9 @@ print(sorted(open(f).read().strip() for f in glob.glob('/proc/self/task/*/comm')
 
 def test_gradient_buckets_give_every_gradient_back_to_its_parameter(monkeypatch):
     """allreduce_grads in buckets of at most 12 numbers (here [5 + 6], [3 in bf16], [11], [4 + 4]; a run's are 2**25),
-    over one gloo rank, where the sum is the identity: each gradient comes back whole to its own parameter across
-    bucket and dtype boundaries, and the parameter with no gradient (the last) gets zeros."""
+    over one gloo rank whose all_reduce doubles (the sum over two ranks of equal gradients): each gradient comes back
+    summed, whole, to its own parameter across bucket and dtype boundaries, and the parameter with no gradient (the
+    last) gets zeros."""
     shapes = [((5,), torch.float32), ((2, 3), torch.float32), ((3,), torch.bfloat16), ((11,), torch.float32),
               ((4,), torch.float32), ((4,), torch.float32)]
     params = [torch.nn.Parameter(torch.zeros(shape, dtype=dtype)) for shape, dtype in shapes]
@@ -122,12 +123,19 @@ def test_gradient_buckets_give_every_gradient_back_to_its_parameter(monkeypatch)
     for p, g in zip(params[:-1], want):
         p.grad = g.clone()
     monkeypatch.setattr(train, 'ddp', True)
-    dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        train.allreduce_grads(params, bucket_numel=12)
-    finally:
-        dist.destroy_process_group()
-    assert all(torch.equal(p.grad, g) for p, g in zip(params, want))
+    monkeypatch.setattr(dist, 'all_reduce', lambda t: t.mul_(2))
+    train.allreduce_grads(params, bucket_numel=12)
+    assert all(torch.equal(p.grad, 2 * g) for p, g in zip(params, want))
+
+
+def test_rank_slices_are_disjoint_and_cover_the_batch(monkeypatch):
+    """Each of 4 ranks takes its own contiguous quarter of a global batch of 12 rows."""
+    monkeypatch.setattr(train, 'ddp_world_size', 4)
+    slices = []
+    for rank in range(4):
+        monkeypatch.setattr(train, 'ddp_rank', rank)
+        slices.append(train.rank_slice(list(range(100, 112))))
+    assert slices == [[100, 101, 102], [103, 104, 105], [106, 107, 108], [109, 110, 111]]
 
 
 def test_ranks_that_hold_different_weights_stop_the_run(monkeypatch):

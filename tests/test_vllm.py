@@ -105,6 +105,23 @@ def test_vllm_rollouts_postprocessing(monkeypatch):
     torch.testing.assert_close(calls['prompts'][1]['prompt_embeds'], embeds[1])
 
 
+def test_vllm_rollouts_seed_each_prompt_by_its_row_in_the_global_batch(monkeypatch):
+    """Prompts 1 and 2 of a batch starting at row 10 (2 rollouts each: rows 12 and 14) get the seeds that the same
+    prompts get as prompts 0 and 1 of a batch starting at row 12, as on another rank: the split does not change the draws."""
+    seeds = []
+
+    class SeedRecorder:
+        def generate(self, prompts, params, use_tqdm):
+            seeds.append([p['seed'] for p in params])
+            return [types.SimpleNamespace(outputs=[]) for _ in prompts]
+
+    monkeypatch.setitem(sys.modules, 'vllm', types.SimpleNamespace(SamplingParams=lambda **kw: kw))
+    embeds = torch.randn(3, 5, 8)
+    train.vllm_rollouts(SeedRecorder(), embeds, 2, [2], 0, (0, 3), 10)
+    train.vllm_rollouts(SeedRecorder(), embeds[1:], 2, [2], 0, (0, 3), 12)
+    assert seeds[1] == seeds[0][1:] and len(set(seeds[0])) == 3
+
+
 def rl_with_a_stand_in_engine(monkeypatch, tiny_dir, tiny_data, sft_runs, out, *args):
     """`train.py config/tiny.py --stage=rl --rollout=vllm *args` in-process, its engine a stand-in: the HF sampler
     draws the rollouts, from the policy of the last push, and reports log-probs of 0 for every token. Returns the pushes."""
