@@ -381,7 +381,7 @@ def main(config):
     for text, group, row in zip(corpus_docs, corpus_groups, corpus_rows):
         first.setdefault(text, (row, group))
     repeats = len(corpus_docs) - len(first)
-    docs = list(first.items())[:max_docs or None]  # (text, (doc_id = its row in the corpus, group))
+    docs = list(first.items())  # (text, (doc_id = its row in the corpus, group)); read_corpus stopped at max_docs
 
     # positions per document; short documents are skipped and counted
     special = set(tokenizer.all_special_ids)
