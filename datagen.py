@@ -93,19 +93,20 @@ def progress(done, total, t0, what):
 
 
 def read_corpus(path, group_column='', max_docs=0):
-    """Document strings from a local file or an hf:// parquet, and each one's group as a string: its group_column
-    value, or without a group_column its own place in the file, and its row in the file (from 0; a .jsonl's line
-    less one; a .txt's text, counted by blank lines). Given max_docs, the file ends, for every format, at the text that
-    makes max_docs distinct ones, and a parquet or .jsonl is read no further (a hub shard holds far more than a small
-    run uses)."""
-    distinct = set()
+    """The corpus's distinct texts from a local file or an hf:// parquet: each one's text, its group as a string (its
+    group_column value, or without a group_column its own place in the file) and its row in the file (from 0; a
+    .jsonl's line less one; a .txt's text, counted by blank lines), all of its first occurrence; and how many repeats
+    were dropped (a text the corpus holds twice is one document, or it could land in two splits). Given max_docs, the
+    file ends, for every format, at the text that makes max_docs distinct ones, and a parquet or .jsonl is read no
+    further (a hub shard holds far more than a small run uses)."""
+    first = {}  # each distinct non-empty text: its first row
 
-    def taken(texts):
-        """How many of texts, which follow those already read, the corpus keeps."""
+    def taken(texts, start):
+        """How many of texts, at rows start.., the corpus keeps."""
         for i, t in enumerate(texts):
-            if isinstance(t, str) and t.strip() and t not in distinct:
-                distinct.add(t)
-                if len(distinct) == max_docs:
+            if isinstance(t, str) and t.strip() and t not in first:
+                first[t] = start + i
+                if len(first) == max_docs:
                     return i + 1
         return len(texts)
 
@@ -133,10 +134,10 @@ def read_corpus(path, group_column='', max_docs=0):
             docs, groups = [], []
             for batch in parquet.iter_batches(1024, columns=['text'] + ([group_column] if group_column not in ('', 'text') else [])):
                 texts = batch.column('text').to_pylist()
-                n = taken(texts)
+                n = taken(texts, len(docs))
                 groups += batch.column(group_column).to_pylist()[:n] if group_column else range(len(docs), len(docs) + n)
                 docs += texts[:n]
-                if 0 < max_docs == len(distinct):
+                if 0 < max_docs == len(first):
                     break
         elif path.endswith('.jsonl'):
             docs, groups = [], []
@@ -149,15 +150,15 @@ def read_corpus(path, group_column='', max_docs=0):
                     except (ValueError, KeyError, TypeError):
                         fail(f"corpus '{path}' line {n} is not a JSON object with a 'text' key"
                              + (f" and a '{group_column}' key (group_column)" if group_column else ''))
-                    taken(docs[-1:])
-                    if 0 < max_docs == len(distinct):
+                    taken(docs[-1:], len(docs) - 1)
+                    if 0 < max_docs == len(first):
                         break
         elif path.endswith('.txt'):
             if group_column:
                 fail(f"corpus '{path}' is a .txt, which has no columns: group_column must be ''")
             with open(path, encoding='utf-8-sig') as f:
                 docs = re.split(r'\n\s*\n', f.read())  # a blank line may hold spaces
-            docs = docs[:taken(docs)]
+            docs = docs[:taken(docs, 0)]
             groups = list(range(len(docs)))
         else:
             fail(f"corpus '{path}' must be .parquet, .jsonl or .txt")
@@ -174,7 +175,8 @@ def read_corpus(path, group_column='', max_docs=0):
     missing = [i for i in keep if groups[i] is None]
     if missing:
         fail(f"corpus '{path}': document {missing[0]} has no '{group_column}' (group_column; {len(missing)} such)")
-    return [docs[i] for i in keep], [str(groups[i]) for i in keep], keep
+    rows = list(first.values())
+    return list(first), [str(groups[i]) for i in rows], rows, len(keep) - len(first)
 
 
 def draw_positions(ids, special, text, seed, positions_per_doc, min_position, ends_a_character=lambda p: True):
@@ -372,21 +374,16 @@ def main(config):
         signature = nla.model_signature(base_model)
         nla.check_layer(base_model, layer, signature['n_layers'])
         prompt_ids, marker_pos = nla.av_prompt(tokenizer, marker)
-        corpus_docs, corpus_groups, corpus_rows = read_corpus(corpus, group_column, max_docs)  # read before the model loads, which can take minutes
+        texts, groups, doc_ids, repeats = read_corpus(corpus, group_column, max_docs)  # read before the model loads, which can take minutes
         backbone = nla.load_backbone(base_model, layer + 1, dtype, run_device)
     except ValueError as e:
         fail(str(e))
     d_model = signature['d_model']
-    first = {}  # a repeated text is one document, of its first row and group: in two splits it would leak
-    for text, group, row in zip(corpus_docs, corpus_groups, corpus_rows):
-        first.setdefault(text, (row, group))
-    repeats = len(corpus_docs) - len(first)
-    docs = list(first.items())  # (text, (doc_id = its row in the corpus, group)); read_corpus stopped at max_docs
 
     # positions per document; short documents are skipped and counted
     special = set(tokenizer.all_special_ids)
     docs_ids, doc_positions, kept, kept_groups = [], [], [], []
-    for text, (doc_id, group) in docs:
+    for text, group, doc_id in zip(texts, groups, doc_ids):  # a document's id is its row in the corpus
         ids = nla.encode_text(tokenizer, text, add_special_tokens=True, truncation=True, max_length=max_length)
         # a byte-level token can end inside a character of several bytes: its context would end in U+FFFD (no
         # character takes more than 4 tokens, so decoding the last 4 shows it)
@@ -397,8 +394,8 @@ def main(config):
             doc_positions.append(positions)
             kept.append(doc_id)
             kept_groups.append(group)
-    skipped = len(docs) - len(kept)
-    print(f"{len(docs)} documents ({repeats} repeats of earlier texts dropped from the corpus): {len(kept)} used, "
+    skipped = len(texts) - len(kept)
+    print(f"{len(texts)} documents ({repeats} repeats of earlier texts dropped from the corpus): {len(kept)} used, "
           f"{skipped} skipped as having no position to draw (a token at min_position={min_position} or after, not special, "
           "that ends a character)",
           file=sys.stderr)

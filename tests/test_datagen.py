@@ -272,10 +272,12 @@ def test_max_docs_reads_the_corpus_only_as_far_as_it_needs(tmp_path):
     pq.write_table(pa.table({'text': texts}), tmp_path / 'c.parquet')
     (tmp_path / 'c.jsonl').write_text(''.join(json.dumps({'text': t}) + '\n' for t in texts[:20]) + 'not json\n')
     (tmp_path / 'c.txt').write_text('\n\n'.join(t for t in texts[:40] if t))
-    want = ['text 0', 'text 1', 'text 2', 'text 2', 'text 3', 'text 4']  # through the fifth distinct text
-    for name in ('c.parquet', 'c.jsonl', 'c.txt'):
-        assert datagen.read_corpus(str(tmp_path / name), '', 5)[0] == want, name
-    assert len(datagen.read_corpus(str(tmp_path / 'c.parquet'))[0]) == 3333  # read whole, without max_docs
+    for name in ('c.parquet', 'c.jsonl', 'c.txt'):  # through the fifth distinct text, 'text 2' met twice before it
+        docs, _, rows, repeats = datagen.read_corpus(str(tmp_path / name), '', 5)
+        assert (docs, repeats) == (['text 0', 'text 1', 'text 2', 'text 3', 'text 4'], 1), name
+        assert rows == ([0, 1, 2, 4, 5] if name == 'c.txt' else [1, 2, 4, 7, 8]), name  # the txt holds no empty texts
+    docs, _, _, repeats = datagen.read_corpus(str(tmp_path / 'c.parquet'))  # read whole, without max_docs
+    assert (len(docs), repeats) == (2500, 833)
 
 
 def test_txt_corpus(tiny_dir, tmp_path, monkeypatch):
