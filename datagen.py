@@ -179,7 +179,7 @@ def read_corpus(path, group_column='', max_docs=0):
     return list(first), [str(groups[i]) for i in rows], rows, len(keep) - len(first)
 
 
-def draw_positions(ids, special, text, seed, positions_per_doc, min_position, ends_a_character=lambda p: True):
+def draw_positions(ids, special, text, seed, positions_per_doc, min_position, ends_a_character):
     """Sorted positions >= min_position on non-special tokens that end a character, from an RNG seeded by seed and the
     document's text: a document gets the same positions whatever else the corpus holds (and an api teacher's cache
     still serves them)."""

@@ -156,10 +156,11 @@ def test_positions_follow_the_contract(tiny_data):
 def test_positions_are_deterministic_per_document():
     from datagen import draw_positions
     ids = list(range(100))
-    a = draw_positions(ids, {0, 55}, text='a text', seed=1, positions_per_doc=5, min_position=50)
-    assert a == draw_positions(ids, {0, 55}, 'a text', 1, 5, 50) and min(a) >= 50
-    assert a != draw_positions(ids, {0, 55}, 'another text', 1, 5, 50)
-    assert a != draw_positions(ids, {0, 55}, 'a text', 2, 5, 50)
+    every = lambda p: True
+    a = draw_positions(ids, {0, 55}, text='a text', seed=1, positions_per_doc=5, min_position=50, ends_a_character=every)
+    assert a == draw_positions(ids, {0, 55}, 'a text', 1, 5, 50, every) and min(a) >= 50
+    assert a != draw_positions(ids, {0, 55}, 'another text', 1, 5, 50, every)
+    assert a != draw_positions(ids, {0, 55}, 'a text', 2, 5, 50, every)
 
 
 def test_positions_end_a_character():
@@ -181,7 +182,8 @@ def test_contexts_of_text_in_characters_of_several_bytes_end_whole(tiny_dir, tmp
 def test_positions_skip_special_tokens():
     from datagen import draw_positions
     special = set(range(50, 97))  # of the positions >= 50, only 97, 98 and 99 hold ordinary tokens
-    assert draw_positions(list(range(100)), special, text='a text', seed=1, positions_per_doc=5, min_position=50) == [97, 98, 99]
+    assert draw_positions(list(range(100)), special, text='a text', seed=1, positions_per_doc=5, min_position=50,
+                          ends_a_character=lambda p: True) == [97, 98, 99]
 
 
 def test_config_is_the_block_between_the_rules():
