@@ -1,5 +1,6 @@
 """datagen.py: positions, activations, splits, teachers, meta.json, and refusal of bad input; the readers of its files."""
 import ast
+import contextlib
 import http.server
 import json
 import os
@@ -577,13 +578,22 @@ class FakeTeacher(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@contextlib.contextmanager
+def serving(handler):
+    """A local server answering with `handler`, for as long as the block runs; yields its /v1 base URL."""
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f'http://127.0.0.1:{server.server_port}/v1'
+    finally:
+        server.shutdown()
+
+
 @pytest.fixture
 def teacher_url():
     FakeTeacher.calls = 0
-    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), FakeTeacher)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f'http://127.0.0.1:{server.server_port}/v1'
-    server.shutdown()
+    with serving(FakeTeacher) as url:
+        yield url
 
 
 def api_args(tiny_dir, out, url):
@@ -638,13 +648,9 @@ class FlakyTeacher(http.server.BaseHTTPRequestHandler):
 @pytest.mark.parametrize('first', ['429', 'dropped', 'cut'])
 def test_api_call_retries_a_rate_limit_a_dropped_connection_and_a_cut_answer(monkeypatch, first):
     FlakyTeacher.first, FlakyTeacher.calls = first, 0
-    server = http.server.HTTPServer(('127.0.0.1', 0), FlakyTeacher)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setattr(datagen, 'api_base_url', f'http://127.0.0.1:{server.server_port}/v1')
-    try:
+    with serving(FlakyTeacher) as url:
+        monkeypatch.setattr(datagen, 'api_base_url', url)
         assert datagen.api_call('some context', 'test-key', threading.Event()) == '<explanation>x</explanation>'
-    finally:
-        server.shutdown()
     assert FlakyTeacher.calls == 2
 
 
@@ -666,16 +672,13 @@ class HalfFatalTeacher(http.server.BaseHTTPRequestHandler):
 def test_a_failed_request_stops_the_others_retrying(tmp_path, monkeypatch):
     """The run ends at the first request that fails for good (as at Ctrl-C or SIGTERM): the rate-limited request in
     flight beside it makes no further tries, where it had gone on for all of api_retries."""
-    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), HalfFatalTeacher)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    for name, value in (('api_base_url', f'http://127.0.0.1:{server.server_port}/v1'), ('api_retries', 3), ('api_concurrency', 2)):
-        monkeypatch.setattr(datagen, name, value)
+    HalfFatalTeacher.other_calls = 0
     monkeypatch.setenv(datagen.api_key_env, 'test-key')
-    try:
+    with serving(HalfFatalTeacher) as url:
+        for name, value in (('api_base_url', url), ('api_retries', 3), ('api_concurrency', 2)):
+            monkeypatch.setattr(datagen, name, value)
         with pytest.raises(SystemExit, match='HTTP 400'):
             datagen.api_explanations(['a context', 'z FATAL context'], str(tmp_path / 'cache.jsonl'))  # sorted: FATAL asked last
-    finally:
-        server.shutdown()
     assert HalfFatalTeacher.other_calls <= 1
 
 
@@ -721,13 +724,9 @@ class NotATeacher(http.server.BaseHTTPRequestHandler):
 
 
 def test_an_answer_that_is_not_a_chat_completion_is_one_line_and_leaves_no_folder(tiny_dir, tmp_path):
-    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), NotATeacher)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        p = run_script('datagen.py', 'config/datagen_tiny.py', *api_args(tiny_dir, tmp_path / 'out' / 'l20', f'http://127.0.0.1:{server.server_port}/v1'),
+    with serving(NotATeacher) as url:
+        p = run_script('datagen.py', 'config/datagen_tiny.py', *api_args(tiny_dir, tmp_path / 'out' / 'l20', url),
                        ok=False, env={'OPENAI_API_KEY': 'test-key'})
-    finally:
-        server.shutdown()
     assert "answered with no chat completion text: b'<html>hello</html>'" in p.stderr.strip().splitlines()[-1]
     assert os.listdir(tmp_path) == []  # out/l20, made for the teacher's cache, empty, and removed with out/
 
