@@ -265,8 +265,10 @@ def av_prompt(tokenizer, marker):
         raise ValueError(f"marker {marker!r} is {len(marker_ids)} tokens for this tokenizer, must be one")
     user = AV_USER.format(marker=marker)
     if tokenizer.chat_template:
+        # date_string: Llama 3.x templates otherwise write today's date into the prompt, which would then differ
+        # between the runs of SFT, RL and eval made on different days
         text = tokenizer.apply_chat_template([{'role': 'user', 'content': user}], tokenize=False,
-                                             add_generation_prompt=True, enable_thinking=False)
+                                             add_generation_prompt=True, enable_thinking=False, date_string='26 Jul 2024')
         special = False  # the template writes its own BOS where the model wants one
     else:
         text, special = user + "\n", True
@@ -412,9 +414,9 @@ def fve_stats(pred, target):
 def fve_from_stats(sq_err_sum, u_sum, n):
     # FVE = 1 - E||u^ - p^||^2 / E||u^ - mean(u^)||^2, with u^ = h/||h||, p^ = pred/||pred||, means over the set.
     # As ||u^|| = 1, the denominator E||u^ - mean u^||^2 = 1 - ||mean u^||^2. Any constant prediction scores <= 0.
-    if n < 2:  # one vector has no variance to explain
+    variance = 1 - (u_sum / n).pow(2).sum() if n else 0
+    if variance < 1e-9:  # one vector, or one repeated (an rl step whose valid rollouts share one prompt): nothing to explain
         return float('nan')
-    variance = 1 - (u_sum / n).pow(2).sum()
     return float(1 - (sq_err_sum / n) / variance)
 
 

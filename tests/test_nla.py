@@ -4,6 +4,7 @@ import math
 import os
 import re
 import shutil
+import time
 
 import pytest
 import torch
@@ -132,6 +133,15 @@ def test_marker_must_be_one_token_and_occur_once(tiny_dir):
         nla.av_prompt(tok, 'zqxj@@ww')
     with pytest.raises(ValueError, match=r"marker 'e' occurs \d+ times in the AV prompt"):
         nla.av_prompt(tok, 'e')  # occurs all over the prompt text
+
+
+def test_prompt_holds_no_date_of_the_day_it_is_made(tiny_dir):
+    """Llama 3.x templates write today's date unless given one: the AV's prompt must not change from day to day."""
+    tok = nla.load_tokenizer(tiny_dir['llama'])
+    tok.chat_template = ("{% if date_string is not defined %}{% set date_string = strftime_now('%d %b %Y') %}{% endif %}"
+                         "<|im_start|>system\nToday Date: {{ date_string }}<|im_end|>\n" + tok.chat_template)
+    text = tok.decode(nla.av_prompt(tok, '@')[0])
+    assert 'Today Date: ' in text and time.strftime('%d %b %Y') not in text
 
 
 def test_prompt_without_chat_template_is_plain_text(tiny_dir):
@@ -293,6 +303,16 @@ def test_fve_of_one_row_is_nan():
     """One vector has no variance: its FVE (and the shuffled control's, which pairs it with itself) is undefined."""
     one = torch.randn(1, 8)
     assert math.isnan(nla.fve(one + 0.1, one)) and math.isnan(nla.fve_shuffled(one, one, 0))
+
+
+def test_fve_of_one_repeated_target_is_nan():
+    """An rl step whose valid rollouts all come from one prompt: its targets have no variance, and round-off in
+    1 - ||mean u^||^2 must not become an FVE of +-1e16."""
+    torch.manual_seed(0)
+    target = torch.randn(1, 16).expand(8, -1)
+    for seed in range(5):
+        pred = torch.randn(8, 16, generator=torch.Generator().manual_seed(seed))
+        assert math.isnan(nla.fve(pred, target)) and all(math.isnan(x) for x in nla.fve_rows(pred, target).tolist())
 
 
 def test_fve_stats_sum_across_shards():
