@@ -162,8 +162,8 @@ def read_corpus(path, group_column='', max_docs=0):
             groups = list(range(len(docs)))
         else:
             fail(f"corpus '{path}' must be .parquet, .jsonl or .txt")
-    except ValueError as e:
-        fail(f"corpus '{path}' cannot be read: {e}")
+    except (OSError, ValueError) as e:  # OSError: a parquet damaged past its footer
+        fail(f"corpus '{path}' cannot be read: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     bad = [i for i, d in enumerate(docs) if not isinstance(d, (str, type(None)))]
     if bad:
         fail(f"corpus '{path}': document {bad[0]} is {type(docs[bad[0]]).__name__}, not a string ({len(bad)} such)")
@@ -491,7 +491,8 @@ def main(config):
 if __name__ == '__main__':
     config = configurator.configure(globals())
     print(json.dumps(config))
-    signal.signal(signal.SIGTERM, lambda *_: fail("stopped by SIGTERM"))  # so the temporary files are removed
+    for sig in (signal.SIGINT, signal.SIGTERM):  # one line, and the temporary files are removed
+        signal.signal(sig, lambda number, _: fail(f"stopped by {signal.Signals(number).name}"))
     missing = nla.missing_folders(out_dir)
     try:
         main(config)

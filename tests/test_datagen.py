@@ -59,10 +59,15 @@ def splits_by_block(out, size):
     return split_of
 
 
-def parquet_bytes(table):
+def parquet_bytes(table, **kwargs):
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
+    pq.write_table(table, sink, **kwargs)
     return sink.getvalue().to_pybytes()
+
+
+def damaged_inside(raw):
+    """A parquet whose footer reads but whose row groups are overwritten in the middle."""
+    return raw[:len(raw) // 2] + b'\xff' * 200 + raw[len(raw) // 2 + 200:]
 
 
 def null_first(column):
@@ -440,6 +445,8 @@ def test_a_model_folder_without_its_weights_is_one_line_and_no_output(tiny_dir, 
 
 @pytest.mark.parametrize('name, content, message', [
     ('c.parquet', parquet_bytes(pa.table({'text': synthetic_docs(5)}))[:300], "Parquet magic bytes not found"),
+    ('c.parquet', damaged_inside(parquet_bytes(pa.table({'text': synthetic_docs(300)}), row_group_size=50)),
+     "Corrupt snappy compressed data"),
     ('c.parquet', parquet_bytes(pa.table({'text': [1, 2]})), "document 0 is int, not a string"),
     ('c.jsonl', b'{"text": "a b"}\nnot json\n', "line 2 is not a JSON object"),
     ('c.jsonl', b'{"text": "a b"}\n{"body": "c d"}\n', "line 2 is not a JSON object with a 'text' key"),
@@ -448,7 +455,7 @@ def test_a_model_folder_without_its_weights_is_one_line_and_no_output(tiny_dir, 
     ('hf://foo', None, "must look like hf://OWNER/REPO/FILE.parquet"),
     ('hf://owner/repo/c.parquet', None, "could not be downloaded"),
     ('hf://an owner/repo/c.parquet', None, "could not be downloaded (HFValidationError)"),
-], ids=['truncated parquet', 'non-string text', 'jsonl not json', 'jsonl no text', 'txt not utf-8', 'folder',
+], ids=['truncated parquet', 'damaged parquet', 'non-string text', 'jsonl not json', 'jsonl no text', 'txt not utf-8', 'folder',
         'malformed hf', 'hf offline', 'hf bad repo id'])
 def test_unreadable_corpus_one_line(tiny_dir, tmp_path, monkeypatch, name, content, message):
     import huggingface_hub.constants
