@@ -155,6 +155,9 @@ def read_init(path, needs, data_meta):
     """The metadata of a weights file a stage starts from: it must hold the keys in `needs` to rebuild the model,
     and have been made for the data's model and layer."""
     meta = checked(nla.read_meta, path, [*needs, 'data_id'], data_meta)
+    if meta.get('base_model', base_model) != base_model:  # same architecture, so it loads: the weights may differ
+        print0(f"train: note: {path} was trained on {meta['base_model']}, this run loads {base_model}: if their "
+               "weights differ, its adapters or head do not fit them", file=sys.stderr)
     if meta['data_id'] != data_meta['data_id']:
         print0(f"train: note: {path} was trained on other data than {data_dir} (data_id {meta['data_id']}, not "
                f"{data_meta['data_id']}): if the two share documents, val rows here may have been its training rows",
@@ -500,12 +503,18 @@ def check_ranks_agree(run, dev):
 
 
 def save_checkpoint(run):
-    """Trainable weights as safetensors (what a later stage's init_av/init_ar reads) and ckpt.pt with
-    everything a resume needs. Master only; each file is written to a temporary name, then renamed (nla.replacing)."""
+    """Called by every rank at once; rank 0 writes."""
     if ddp:
         check_ranks_agree(run, run.dev)
-    if not master_process:
-        return
+    if master_process:
+        write_checkpoint(run)
+    if ddp:  # the other ranks wait for the writes: one that exits first would have torchrun kill rank 0 mid-write
+        dist.barrier()
+
+
+def write_checkpoint(run):
+    """Trainable weights as safetensors (what a later stage's init_av/init_ar reads) and ckpt.pt with
+    everything a resume needs. Each file is written to a temporary name, then renamed (nla.replacing)."""
     meta = {'stage': stage, 'step': run.step, 'base_model': base_model, **{k: run.meta[k] for k in (*nla.IDENTITY, 'data_id')}}
     if run.av_opt is not None:
         nla.save_av(run.av, os.path.join(out_dir, 'av.safetensors'), run.av_frozen, {**run.av_meta, **meta})
@@ -552,14 +561,14 @@ def load_checkpoint(run):
                                                                for a, b in zip(ckpt['av_frozen'], run.av_frozen)):
         fail(f"{path}: the adapters of init_av={init_av} (frozen under the live one, the KL reference in rl) "
              "are not those the run started from (trained again?): resume from the same init_av, or start again")
-    if ckpt['lora'] != lora_settings(run):
-        fail(f"{path}: its adapters were built with {ckpt['lora']} (rank, alpha, rslora), the inits given now build "
-             f"{lora_settings(run)}: resume with the init_av and init_ar the run started from")
     saved = ckpt['config']
     changed = sorted(k for k in set(saved) | set(run.config) if k not in RESUMABLE and saved.get(k) != run.config.get(k))
     if changed:
         fail(f"{path} was made with {', '.join(f'{k}={saved.get(k)!r}' for k in changed)}: "
              f"resume with the same settings (only {', '.join(RESUMABLE[1:])} may change)")
+    if ckpt['lora'] != lora_settings(run):
+        fail(f"{path}: its adapters were built with {ckpt['lora']} (rank, alpha, rslora), the inits given now build "
+             f"{lora_settings(run)}: resume with the init_av and init_ar the run started from")
     if ckpt['step'] > run.total:
         fail(f"{path} is at step {ckpt['step']}, past this run's last step, {run.total}: resume with a larger max_steps")
     for model, opt, key in ((run.av, run.av_opt, 'av'), (run.ar, run.ar_opt, 'ar')):
@@ -581,7 +590,8 @@ def load_checkpoint(run):
             lines = [line for line, r in records if r['step'] <= (run.eval_step if r['stage'] == 'eval' else run.step)]
         with nla.replacing(log_path) as tmp, open(tmp, 'w') as f:
             f.writelines(lines)
-    print0(f"resumed {path} at step {run.step}")
+    print0(f"resumed {path} at step {run.step}" + (f": the run's last step (max_steps={run.total}), so nothing is left "
+                                                    "to do; a larger max_steps continues it" if run.eval_step == run.step == run.total else ''))
 
 
 def log(run, record):
@@ -606,21 +616,25 @@ def print_examples(examples):
 def run_loop(run, total, update, evaluate_fn):
     """Steps run.step..total: evaluate every eval_interval and at the end, checkpoint every
     ckpt_interval and at the end, stop the run after max_bad_steps non-finite steps in a row.
-    A SIGTERM (run.stop) is heeded before each eval and each step: the steps made are saved, then the run ends."""
+    A SIGTERM or Ctrl-C (run.stop) is heeded before each eval and each step: the steps made are saved, then the run ends."""
     start, t_start = run.step, time.time()
 
     def stop_if_asked(saved):
-        if global_sum([run.stop], run.dev).item() == 0:  # summed, so that every rank stops at the same place
+        asked = torch.tensor([run.stop], device=run.dev)
+        if ddp:  # every rank stops at the same place, and rank 0 names a signal even if another rank got it
+            dist.all_reduce(asked, op=dist.ReduceOp.MAX)
+        if asked.item() == 0:
             return
+        name = signal.Signals(asked.item()).name
         if run.step > start and not saved:
             save_checkpoint(run)
         if not master_process:  # every rank stops here; rank 0 says why
             raise SystemExit(1)
         if run.step > 0:
-            fail(f"stopped by SIGTERM at step {run.step}: {out_dir}/ckpt.pt holds it, --resume=True continues")
+            fail(f"stopped by {name} at step {run.step}: {out_dir}/ckpt.pt holds it, --resume=True continues")
         if os.path.exists(os.path.join(out_dir, 'log.jsonl')):  # a step-0 eval: a rerun makes it again
             os.remove(os.path.join(out_dir, 'log.jsonl'))
-        fail("stopped by SIGTERM before the first step: only config.json is written, and the same command starts again")
+        fail(f"stopped by {name} before the first step: only config.json is written, and the same command starts again")
 
     while True:
         step = run.step
@@ -942,8 +956,16 @@ def main(config):
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name or None, config=config)
         run.wandb_log = wandb.log
-    run.stop = False  # a SIGTERM (timeout, a scheduler's preemption, torchrun passing one on) asks run_loop to stop
-    signal.signal(signal.SIGTERM, lambda *_: setattr(run, 'stop', True))
+    run.stop = 0  # the number of a SIGTERM (timeout, a scheduler's preemption, torchrun passing one on) or a Ctrl-C
+
+    def ask_to_stop(number, _):  # run_loop stops at the next step or eval, with a checkpoint
+        run.stop = number
+        if number == signal.SIGINT:  # a second Ctrl-C stops at once, unsaved
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            if master_process:  # os.write: a print here could land inside another print
+                os.write(2, b"train: Ctrl-C: stopping at the end of this step, with a checkpoint (Ctrl-C again: at once)\n")
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, ask_to_stop)
     {'sft_av': sft_av, 'sft_ar': sft_ar, 'rl': rl, 'eval': eval_stage}[stage](run)
 
 

@@ -95,8 +95,9 @@ def test_resume_ends_in_the_same_state(tiny_dir, tiny_data, sft_runs, tmp_path):
     assert (tmp_path / 'b' / 'config.json').read_text() == config
 
 
-def test_sigterm_ends_the_step_under_way_saves_it_and_a_resume_goes_on(tiny_dir, tiny_data, sft_runs, tmp_path):
-    """A SIGTERM (timeout, preemption) mid-run loses no finished step: the last logged step is in ckpt.pt."""
+def test_ctrl_c_ends_the_step_under_way_saves_it_and_a_resume_goes_on(tiny_dir, tiny_data, sft_runs, tmp_path):
+    """A Ctrl-C mid-run loses no finished step, as a SIGTERM (timeout, preemption; test_ddp) does: the last logged
+    step is in ckpt.pt."""
     out = tmp_path / 'rl'
     common = [*base_args(tiny_dir, tiny_data), *RL_ARGS, f'--init_av={sft_runs["av"]}', f'--init_ar={sft_runs["ar"]}',
               f'--out_dir={out}', '--eval_interval=1000', '--ckpt_interval=1000']
@@ -105,14 +106,15 @@ def test_sigterm_ends_the_step_under_way_saves_it_and_a_resume_goes_on(tiny_dir,
                              stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
         try:
             wait_for_a_step(p, out, 'rl')
-            p.send_signal(signal.SIGTERM)
+            p.send_signal(signal.SIGINT)
             p.wait(timeout=300)
         finally:
             kill_group(p)
     err = (tmp_path / 'stderr').read_text()
     steps = [r['step'] for r in read_log(out, 'rl')]
     assert p.returncode != 0 and 'Traceback' not in err, err[-3000:]
-    assert err.strip().splitlines()[-1] == f"train: stopped by SIGTERM at step {steps[-1]}: {out}/ckpt.pt holds it, --resume=True continues"
+    assert 'train: Ctrl-C: stopping at the end of this step' in err
+    assert err.strip().splitlines()[-1] == f"train: stopped by SIGINT at step {steps[-1]}: {out}/ckpt.pt holds it, --resume=True continues"
     assert torch.load(out / 'ckpt.pt', weights_only=False)['step'] == steps[-1]
     run_script('train.py', *common, f'--max_steps={steps[-1] + 1}', '--resume=True')
     assert [r['step'] for r in read_log(out, 'rl')] == list(range(1, steps[-1] + 2))
@@ -184,6 +186,33 @@ def test_resume_refuses_inits_that_build_other_adapters(tiny_dir, tiny_data, sft
     av = edited_weights(sft_runs['av'], 'av.safetensors', tmp_path / 'av', {'lora_alpha': 32.0})
     p = run_script('train.py', *args, '--max_steps=2', '--resume=True', f'--init_av={av}', ok=False)
     assert 'its adapters were built with' in p.stderr.strip().splitlines()[-1]
+
+
+def test_resume_names_a_changed_setting_before_the_adapters_it_changes(tiny_dir, tiny_data, tmp_path):
+    """A changed lora_rank builds other adapters too: the setting is what to name, not the inits (none were given)."""
+    args = [*base_args(tiny_dir, tiny_data), '--stage=sft_av', f'--out_dir={tmp_path / "run"}', '--eval_interval=100']
+    run_script('train.py', *args, '--max_steps=1')
+    p = run_script('train.py', *args, '--max_steps=2', '--resume=True', '--lora_rank=4', ok=False)
+    assert 'was made with lora_rank=8: resume with the same settings' in p.stderr.strip().splitlines()[-1]
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_do(tiny_dir, tiny_data, tmp_path):
+    args = [*base_args(tiny_dir, tiny_data), '--stage=sft_av', f'--out_dir={tmp_path / "run"}', '--max_steps=1']
+    run_script('train.py', *args)
+    p = run_script('train.py', *args, '--resume=True')
+    assert "at step 1: the run's last step (max_steps=1), so nothing is left to do" in p.stdout
+
+
+def test_init_trained_on_another_base_model_is_noted(tiny_data, sft_runs, monkeypatch, capsys):
+    """A model of the same architecture loads the init's weights without error: said, since they may not fit it."""
+    meta = json.loads(open(os.path.join(tiny_data, 'meta.json')).read())
+    path = os.path.join(sft_runs['av'], 'av.safetensors')
+    monkeypatch.setattr(train, 'base_model', nla.read_meta(path)['base_model'])
+    train.read_init(path, ['lora_rank'], meta)
+    assert 'was trained on' not in capsys.readouterr().err
+    monkeypatch.setattr(train, 'base_model', '/elsewhere/a-finetune')
+    train.read_init(path, ['lora_rank'], meta)
+    assert 'this run loads /elsewhere/a-finetune: if their weights differ' in capsys.readouterr().err
 
 
 def test_init_trained_on_other_data_is_noted(tiny_data, sft_runs, monkeypatch, capsys):
@@ -510,7 +539,7 @@ def test_check_config_refusals(monkeypatch, tmp_path, settings, message):
 
 def fresh_run():
     """What run_loop reads of a run that has made no step, on one CPU process."""
-    return types.SimpleNamespace(step=0, eval_step=-1, bad_steps=0, skipped=0, stop=False, dev='cpu')
+    return types.SimpleNamespace(step=0, eval_step=-1, bad_steps=0, skipped=0, stop=0, dev='cpu')
 
 
 def test_log_interval_logs_the_steps_it_names(monkeypatch):
@@ -539,12 +568,12 @@ def loop_events(monkeypatch, tmp_path, run, total, stop_at=None, stop_in_eval=No
     monkeypatch.setattr(train, 'log', log)
 
     def update(step):
-        run.stop = run.stop or step == stop_at
+        run.stop = run.stop or signal.SIGTERM * (step == stop_at)
         return {'ok': True}
 
     def evaluate_fn(step):
         events.append(('eval', step))
-        run.stop = run.stop or step == stop_in_eval
+        run.stop = run.stop or signal.SIGTERM * (step == stop_in_eval)
         return {'stage': 'eval', 'step': step}, []
     try:
         train.run_loop(run, total, update, evaluate_fn)
@@ -557,7 +586,7 @@ def test_a_sigterm_before_an_eval_saves_at_once_and_the_resume_makes_that_eval(m
     run = fresh_run()
     events, message = loop_events(monkeypatch, tmp_path, run, 20, stop_at=4)
     assert events == [('eval', 0), ('save', 5, 0)] and 'stopped by SIGTERM at step 5' in message, events
-    run.stop = False
+    run.stop = 0
     events, message = loop_events(monkeypatch, tmp_path, run, 6, stop_at=99)
     assert events == [('eval', 5), ('eval', 6), ('save', 6, 6)] and message is None, events
 
@@ -567,7 +596,7 @@ def test_a_sigterm_in_the_last_step_saves_and_the_resume_saves_the_last_eval(mon
     run = fresh_run()
     events, message = loop_events(monkeypatch, tmp_path, run, 7, stop_at=6)
     assert events == [('eval', 0), ('eval', 5), ('save', 7, 5)] and 'stopped by SIGTERM at step 7' in message, events
-    run.stop = False
+    run.stop = 0
     events, message = loop_events(monkeypatch, tmp_path, run, 7)
     assert events == [('eval', 7), ('save', 7, 7)] and message is None, events
 
