@@ -492,7 +492,8 @@ if __name__ == '__main__':
     config = configurator.configure(globals())
     print(json.dumps(config))
     for sig in (signal.SIGINT, signal.SIGTERM):  # one line, and the temporary files are removed
-        signal.signal(sig, lambda number, _: fail(f"stopped by {signal.Signals(number).name}"))
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # as Python does: a script's background job ignores Ctrl-C
+            signal.signal(sig, lambda number, _: fail(f"stopped by {signal.Signals(number).name}"))
     missing = nla.missing_folders(out_dir)
     try:
         main(config)

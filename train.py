@@ -965,7 +965,8 @@ def main(config):
             if master_process:  # os.write: a print here could land inside another print
                 os.write(2, b"train: Ctrl-C: stopping at the end of this step, with a checkpoint (Ctrl-C again: at once)\n")
     for number in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(number, ask_to_stop)
+        if signal.getsignal(number) is not signal.SIG_IGN:  # as Python does: a script's background job ignores Ctrl-C
+            signal.signal(number, ask_to_stop)
     {'sft_av': sft_av, 'sft_ar': sft_ar, 'rl': rl, 'eval': eval_stage}[stage](run)
 
 
