@@ -41,6 +41,19 @@ def test_bad_arguments_stop_with_one_line(argv, message):
     assert message in str(e.value) and '\n' not in str(e.value)
 
 
+def test_a_value_inside_a_dict_must_be_one_json_can_save(tmp_path):
+    cfg = tmp_path / 'c.py'
+    cfg.write_text("import numpy as np\nsplits = {'a': np.float32(0.5)}\n")
+    with pytest.raises(SystemExit, match=r"'splits' in .* must hold only plain numbers, strings, lists and dicts"):
+        configurator.configure(defaults(), [str(cfg)])
+
+
+def test_a_path_starting_with_a_tilde_is_in_the_home_folder(monkeypatch):
+    """The shell does not expand ~ after --key=: the run would write into a folder named '~' here."""
+    monkeypatch.setenv('HOME', '/home/someone')
+    assert configurator.configure(defaults(), ['--name=~/runs/a'])['name'] == '/home/someone/runs/a'
+
+
 def test_a_config_path_that_is_a_folder_is_named_so(tmp_path):
     with pytest.raises(SystemExit, match=f"config file '{tmp_path}' is a folder"):
         configurator.configure(defaults(), [str(tmp_path)])
