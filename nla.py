@@ -569,12 +569,9 @@ def write_data(out_dir, tables, meta):
         shutil.rmtree(old, ignore_errors=True)
     tmp = tempfile.mkdtemp(prefix='.tmp-', dir=out_dir)
     try:
-        digest = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != 'config'}, sort_keys=True).encode())
         for split, table in tables.items():
             pq.write_table(table, os.path.join(tmp, f"{split}.parquet"))
-            with open(os.path.join(tmp, f"{split}.parquet"), 'rb') as f:
-                digest.update(hashlib.file_digest(f, 'sha256').digest())
-        data_id = digest.hexdigest()[:16]
+        data_id = data_digest(meta, [os.path.join(tmp, f"{split}.parquet") for split in tables])
         with open(os.path.join(tmp, 'meta.json'), 'w') as f:
             json.dump({**meta, 'data_id': data_id}, f, indent=2)
         if os.path.exists(os.path.join(out_dir, 'meta.json')):
@@ -584,6 +581,27 @@ def write_data(out_dir, tables, meta):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return data_id
+
+
+def data_digest(meta, paths):
+    """The data_id of meta (but its config and data_id) and the split files at paths."""
+    digest = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k not in ('config', 'data_id')}, sort_keys=True).encode())
+    for path in paths:
+        with open(path, 'rb') as f:
+            digest.update(hashlib.file_digest(f, 'sha256').digest())
+    return digest.hexdigest()[:16]
+
+
+def check_data_id(data_dir, meta):
+    """The four splits in data_dir must be the files meta.json was written with: parquet has no checksums, so a
+    damaged page of activations can read as finite numbers, and a split copied from other data reads as well."""
+    paths = [os.path.join(data_dir, f"{split}.parquet") for split in SPLITS]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise ValueError(f"{missing[0]} not found: run datagen.py again")
+    if data_digest(meta, paths) != meta['data_id']:
+        raise ValueError(f"data {data_dir}: its files are not those its meta.json was written with (data_id "
+                         f"{meta['data_id']}): changed, damaged or copied from other data; run datagen.py again")
 
 
 def read_data_meta(data_dir, base_model, tokenizer):

@@ -916,6 +916,7 @@ def main(config):
     train_split = {'sft_av': 'av_sft', 'sft_ar': 'ar_sft', 'rl': 'rl', 'eval': None}[stage]
     run.train = checked(nla.read_split, data_dir, train_split, run.d) if train_split else None  # every input is read before out_dir is written
     run.val = checked(nla.read_split, data_dir, 'val', run.d)
+    checked(nla.check_data_id, data_dir, meta)
     run.total = sft_steps(len(run.train['acts'])) if stage in ('sft_av', 'sft_ar') else max_steps
     eval_shard(len(run.val['acts']))  # fails if an eval would leave a rank no rows
     run.av = run.ar = run.ctx_ar = run.av_opt = run.ar_opt = run.engine = None

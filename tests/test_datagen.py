@@ -753,6 +753,17 @@ def test_data_id_is_a_hash_of_the_splits_and_meta(tmp_path):
     assert ids[0] == ids[1] and len({ids[0], ids[2], ids[3]}) == 3
 
 
+def test_check_data_id_passes_the_data_as_written_and_refuses_a_changed_file(tiny_data, tmp_path):
+    meta = json.load(open(os.path.join(tiny_data, 'meta.json')))
+    nla.check_data_id(tiny_data, meta)
+    data = broken_copy(tiny_data, tmp_path)
+    raw = bytearray((tmp_path / 'data' / 'rl.parquet').read_bytes())
+    raw[len(raw) // 3] ^= 1  # parquet has no checksum: one flipped bit in a page reads as another number
+    (tmp_path / 'data' / 'rl.parquet').write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match='its files are not those its meta.json was written with'):
+        nla.check_data_id(data, meta)
+
+
 def test_write_data_removes_a_killed_runs_temporary_folder(tmp_path):
     (tmp_path / 'out' / '.tmp-k1ll3d').mkdir(parents=True)  # what a run killed while writing left behind
     (tmp_path / 'out' / '.tmp-k1ll3d' / 'val.parquet').write_text('half')

@@ -159,9 +159,11 @@ def test_resume_refuses_other_data(tiny_dir, tiny_data, sft_runs, tmp_path):
     rl_steps(tiny_dir, root, 1)
     before = {f: (root / 'run' / f).read_bytes() for f in ('log.jsonl', 'config.json')}
     meta = json.loads((root / 'data' / 'meta.json').read_text())
-    (root / 'data' / 'meta.json').write_text(json.dumps({**meta, 'data_id': 'otherdata'}))
+    meta['docs_skipped'] += 1  # other data, consistent in itself
+    meta['data_id'] = nla.data_digest(meta, [root / 'data' / f'{s}.parquet' for s in nla.SPLITS])
+    (root / 'data' / 'meta.json').write_text(json.dumps(meta))
     p = rl_steps(tiny_dir, root, 2, '--resume=True', ok=False)
-    assert 'now holds data otherdata' in p.stderr.strip().splitlines()[-1]
+    assert f"now holds data {meta['data_id']}" in p.stderr.strip().splitlines()[-1]
     assert before == {f: (root / 'run' / f).read_bytes() for f in before}
 
 
@@ -326,6 +328,7 @@ def test_a_checkpoint_cut_by_a_crash_stops_a_resume_in_one_line(tiny_dir, tiny_d
     (lambda m: json.dumps(m)[:40], None, 'is not JSON (cut short?)'),
     (None, zero_first_activation, 'row 0 has a NaN, inf or all-zero activation'),
     (lambda m: json.dumps({**m, 'model_type': 'qwen3'}), None, "was made for"),
+    (None, lambda t: t.slice(1), 'its files are not those its meta.json was written with'),  # a readable split, but not this data's
 ])
 def test_refuses_bad_data_in_one_line_before_writing(tiny_dir, tiny_data, tmp_path, meta_edit, val, message):
     """The readers' refusals (each tested in test_datagen.py) reach the user as one line, before out_dir exists."""
