@@ -16,6 +16,7 @@ to the SFT verbalizer, whose LoRA is frozen beside the base weights at the start
 is trained on top), so "adapter off" is the reference. Data parallelism is by hand: every rank holds
 both models, takes a slice of each batch, and sums gradients in flat buckets before clipping.
 """
+import fcntl
 import importlib.util
 import json
 import logging
@@ -594,6 +595,20 @@ def load_checkpoint(run):
                                                     "to do; a larger max_steps continues it" if run.eval_step == run.step == run.total else ''))
 
 
+def lock_out_dir():
+    """out_dir, made and locked while the run lives: a run started again on it (a job submitted twice, a resume of a run
+    thought dead) would pass every check and write its steps among this one's."""
+    os.makedirs(out_dir, exist_ok=True)
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fail(f"{out_dir} is in use by another run: wait for it to end, or choose another out_dir")
+    except OSError:  # a file system without locks
+        pass
+    return fd
+
+
 def log(run, record):
     """One JSON line in log.jsonl, mirrored to wandb (a no-op unless wandb_log). Master only."""
     if not master_process:
@@ -946,6 +961,8 @@ def main(config):
             run.sample = lambda *args: vllm_rollouts(run.engine, *args)
         else:
             run.sample = lambda *args: rollouts(run.av, *args) + (None,)
+    if master_process:
+        run.out_dir_lock = lock_out_dir()
     if resume:
         load_checkpoint(run)
     if master_process:

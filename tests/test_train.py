@@ -8,6 +8,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import time
 import types
 
 import pytest
@@ -303,6 +304,26 @@ def test_refuses_another_runs_out_dir(tiny_dir, tiny_data, sft_runs, stage, advi
     inits = [f'--init_av={sft_runs["av"]}', f'--init_ar={sft_runs["ar"]}'] if stage == 'eval' else []
     p = run_script('train.py', *base_args(tiny_dir, tiny_data), f'--stage={stage}', f'--out_dir={sft_runs["ar"]}', *inits, ok=False)
     assert p.stderr.strip().splitlines()[-1].endswith(f"holds another run's ckpt.pt: {advice}")
+
+
+def test_a_second_run_on_an_out_dir_in_use_is_refused(tiny_dir, tiny_data, tmp_path):
+    """A resume of a run thought dead would write its steps among the live run's (as would a job submitted twice,
+    started before the first one's first checkpoint: the same lock refuses it)."""
+    out = tmp_path / 'run'
+    args = [*base_args(tiny_dir, tiny_data), '--stage=sft_ar', f'--out_dir={out}', '--eval_interval=100000']
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), *args, '--max_steps=100000', '--ckpt_interval=1'],
+                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for_a_step(p, out, 'sft_ar')
+        while not (out / 'ckpt.pt').exists():
+            time.sleep(0.1)
+        second = run_script('train.py', *args, '--max_steps=100000', '--resume=True', ok=False)
+        assert second.stderr.strip().splitlines()[-1] == f"train: {out} is in use by another run: wait for it to end, or choose another out_dir"
+        assert p.poll() is None
+    finally:
+        kill_group(p)
+    steps = [r['step'] for r in read_log(out, 'sft_ar')]
+    assert steps == list(range(1, len(steps) + 1))
 
 
 def test_refuses_an_out_dir_with_a_log_but_no_checkpoint(tiny_dir, tiny_data, sft_runs, tmp_path):
