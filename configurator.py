@@ -6,7 +6,7 @@ nanoGPT's configurator, made safe. A script calls
 after its config globals (lower-case names of plain types; ALL_CAPS constants are left out). Arguments are config files (Python, run over the config in order) and then
 --key=value overrides (parsed with ast.literal_eval, falling back to a string). An unknown key, a
 value of the wrong type or a missing file stops the program before any work, with one line naming it
-and the closest valid key. A text value starting with ~ is a path in the home folder. Returns the resolved config and writes it back into the script's globals.
+and the closest valid key. A text value starting with ~/ is a path in the home folder. Returns the resolved config and writes it back into the script's globals.
 """
 import ast
 import difflib
@@ -38,7 +38,7 @@ def _check(key, value, config, where):
             json.dumps(value)
         except (TypeError, ValueError):
             _fail(f"'{key}' in {where} must hold only plain numbers, strings, lists and dicts, got {value!r}")
-    if want is str and value.startswith('~'):  # the shell leaves a ~ after --key= as it is
+    if want is str and value.startswith('~/'):  # a path in the home folder: the shell leaves --key=~/x as it is
         value = os.path.expanduser(value)
     return float(value) if want is float else value
 

@@ -73,7 +73,7 @@ def load_tokenizer(name):
         tok = AutoTokenizer.from_pretrained(name)
     except OSError as e:
         if os.path.isdir(name):  # a model folder with a broken file: transformers names it
-            raise ValueError(f"base_model '{name}': {str(e).splitlines()[0]}") from None
+            raise ValueError(f"base_model '{name}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         raise ValueError(f"base_model '{name}' is not a model folder, and the hub did not give it ({type(e).__name__})") from e
     except ValueError as e:  # no tokenizer files, an unknown model_type
         raise ValueError(f"base_model '{name}': its tokenizer cannot be loaded: {' '.join(str(e).split())}") from None
@@ -81,22 +81,15 @@ def load_tokenizer(name):
         raise ValueError(f"base_model '{name}': its tokenizer has no end-of-sequence token")
     if tok.pad_token_id is None:  # padding is always masked explicitly, so any id will do
         tok.pad_token = tok.eos_token
-    rows = getattr(text_config(name), 'vocab_size', None)
-    if rows is not None and len(tok) > rows:  # fewer tokens than rows is common (embeddings padded to a multiple)
-        raise ValueError(f"base_model '{name}': its tokenizer has {len(tok)} tokens, its embedding only {rows} rows")
     return tok
-
-
-def text_config(name):
-    try:
-        return AutoConfig.from_pretrained(name).get_text_config()
-    except (OSError, ValueError) as e:
-        raise ValueError(f"base_model '{name}': its config cannot be loaded: {' '.join(str(e).split())}") from None
 
 
 def model_signature(name):
     """What data and weights record of the model they were made with, so that another one is refused."""
-    cfg = text_config(name)
+    try:
+        cfg = AutoConfig.from_pretrained(name).get_text_config()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"base_model '{name}': its config cannot be loaded: {' '.join(str(e).split())}") from None
     return {'model_type': cfg.model_type, 'n_layers': cfg.num_hidden_layers, 'd_model': cfg.hidden_size}
 
 

@@ -52,6 +52,7 @@ def test_a_path_starting_with_a_tilde_is_in_the_home_folder(monkeypatch):
     """The shell does not expand ~ after --key=: the run would write into a folder named '~' here."""
     monkeypatch.setenv('HOME', '/home/someone')
     assert configurator.configure(defaults(), ['--name=~/runs/a'])['name'] == '/home/someone/runs/a'
+    assert configurator.configure(defaults(), ['--name=~'])['name'] == '~'  # a marker character, say
 
 
 def test_a_config_path_that_is_a_folder_is_named_so(tmp_path):
