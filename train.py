@@ -596,8 +596,8 @@ def load_checkpoint(run):
 
 
 def lock_out_dir():
-    """out_dir, made and locked while the run lives: a run started again on it (a job submitted twice, a resume of a run
-    thought dead) would pass every check and write its steps among this one's."""
+    """A lock on out_dir (made if need be), held while the run lives: a second run on it (a job submitted twice, a resume
+    of a run thought dead) would write its steps among this one's, or be told by the checks to delete its log."""
     os.makedirs(out_dir, exist_ok=True)
     fd = os.open(out_dir, os.O_RDONLY)
     try:
@@ -847,7 +847,8 @@ def eval_stage(run):
 
 
 def check_config():
-    """Derived sizes and settings, checked once before any work. Returns the device to run on."""
+    """Derived sizes and settings, checked once before any work. Returns the device to run on, and rank 0's lock on
+    out_dir if it exists."""
     for name, allowed in (('stage', ('sft_av', 'sft_ar', 'rl', 'eval')), ('gen_cache', ('dynamic', 'static')),
                           ('rollout', ('hf', 'vllm')), ('ar_input', ('explanation', 'context')), ('dtype', tuple(nla.DTYPES))):
         if globals()[name] not in allowed:
@@ -893,6 +894,7 @@ def check_config():
         if globals()[name]:
             fail(f"stage '{stage}' does not use {name} (given {globals()[name]!r}): leave it out")
     checked(nla.check_out_dir, out_dir)
+    lock = lock_out_dir() if master_process and os.path.isdir(out_dir) else None  # before its files are judged
     has_ckpt = os.path.isfile(os.path.join(out_dir, 'ckpt.pt'))
     if resume and not has_ckpt:
         fail(f"resume=True but {os.path.join(out_dir, 'ckpt.pt')} does not exist")
@@ -902,11 +904,11 @@ def check_config():
     if not resume and os.path.exists(os.path.join(out_dir, 'log.jsonl')):
         fail(f"{out_dir} holds the log.jsonl of an eval or of a run that died before its first checkpoint: "
              "delete it or choose another out_dir")
-    return run_device
+    return run_device, lock
 
 
 def main(config):
-    dev = check_config()
+    dev, lock = check_config()
     if ddp:
         dev = f"cuda:{ddp_local_rank}" if dev.startswith('cuda') else 'cpu'
         if dev.startswith('cuda'):
@@ -962,7 +964,7 @@ def main(config):
         else:
             run.sample = lambda *args: rollouts(run.av, *args) + (None,)
     if master_process:
-        run.out_dir_lock = lock_out_dir()
+        run.out_dir_lock = lock if lock is not None else lock_out_dir()
     if resume:
         load_checkpoint(run)
     if master_process:
@@ -980,8 +982,9 @@ def main(config):
         run.stop = number
         if number == signal.SIGINT:  # a second Ctrl-C stops at once, unsaved
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            if master_process:  # os.write: a print here could land inside another print
-                os.write(2, b"train: Ctrl-C: stopping at the end of this step, with a checkpoint (Ctrl-C again: at once)\n")
+            if master_process:  # os.write: a print here could land inside another print; torchrun kills its ranks itself
+                os.write(2, b"train: Ctrl-C: stopping at the end of this step, with a checkpoint" +
+                         (b"\n" if ddp else b" (Ctrl-C again: at once)\n"))
     for number in (signal.SIGINT, signal.SIGTERM):
         if signal.getsignal(number) is not signal.SIG_IGN:  # as Python does: a script's background job ignores Ctrl-C
             signal.signal(number, ask_to_stop)
