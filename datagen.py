@@ -163,7 +163,7 @@ def read_corpus(path, group_column='', max_docs=0):
         else:
             fail(f"corpus '{path}' must be .parquet, .jsonl or .txt")
     except (OSError, ValueError) as e:  # OSError: a parquet damaged past its footer
-        fail(f"corpus '{path}' cannot be read: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        fail(f"corpus '{path}' cannot be read: {nla.first_line(e)}")
     bad = [i for i, d in enumerate(docs) if not isinstance(d, (str, type(None)))]
     if bad:
         fail(f"corpus '{path}': document {bad[0]} is {type(docs[bad[0]]).__name__}, not a string ({len(bad)} such)")
@@ -491,9 +491,7 @@ def main(config):
 if __name__ == '__main__':
     config = configurator.configure(globals())
     print(json.dumps(config))
-    for sig in (signal.SIGINT, signal.SIGTERM):  # one line, and the temporary files are removed
-        if signal.getsignal(sig) is not signal.SIG_IGN:  # as Python does: a script's background job ignores Ctrl-C
-            signal.signal(sig, lambda number, _: fail(f"stopped by {signal.Signals(number).name}"))
+    nla.on_stop_signals(lambda number, _: fail(f"stopped by {signal.Signals(number).name}"))  # one line; temporary files removed
     missing = nla.missing_folders(out_dir)
     try:
         main(config)

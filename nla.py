@@ -18,6 +18,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import tempfile
 from contextlib import contextmanager
 
@@ -66,6 +67,11 @@ def resolve_device(name):
     return dev
 
 
+def first_line(error):
+    """An exception's message cut to its first line (its type's name when it has none), for one-line refusals."""
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
 def load_tokenizer(name):
     if os.path.isdir(name) and not os.path.isfile(os.path.join(name, 'config.json')):
         raise ValueError(f"base_model '{name}' is a folder without config.json, not a model folder")
@@ -73,7 +79,7 @@ def load_tokenizer(name):
         tok = AutoTokenizer.from_pretrained(name)
     except OSError as e:
         if os.path.isdir(name):  # a model folder with a broken file: transformers names it
-            raise ValueError(f"base_model '{name}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            raise ValueError(f"base_model '{name}': {first_line(e)}") from None
         raise ValueError(f"base_model '{name}' is not a model folder, and the hub did not give it ({type(e).__name__})") from e
     except ValueError as e:  # no tokenizer files, an unknown model_type
         raise ValueError(f"base_model '{name}': its tokenizer cannot be loaded: {' '.join(str(e).split())}") from None
@@ -107,7 +113,7 @@ def from_pretrained(cls, name, **kwargs):
     try:
         model, info = cls.from_pretrained(name, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
     except (OSError, SafetensorError) as e:
-        raise ValueError(f"base_model '{name}': its weights cannot be loaded: {str(e).splitlines()[0]}") from None
+        raise ValueError(f"base_model '{name}': its weights cannot be loaded: {first_line(e)}") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
     bad = sorted(info['missing_keys']) + [f"{k} ({tuple(a)} in the file, {tuple(b)} in the model)"
@@ -529,6 +535,14 @@ def read_meta(path, needs=(), data_meta=None):
 # the data: datagen.py writes it, train.py reads it; both sides of the contract are here
 
 
+def on_stop_signals(handler):
+    """Ctrl-C and SIGTERM call handler(number, frame), except one ignored at start: as Python leaves it (a script's
+    background job ignores Ctrl-C)."""
+    for number in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(number) is not signal.SIG_IGN:
+            signal.signal(number, handler)
+
+
 def missing_folders(path):
     """path and the folders above it that do not exist yet, deepest first."""
     missing, folder = [], os.path.abspath(path)
@@ -636,7 +650,7 @@ def read_split(data_dir, split, d_model):
     try:
         table = pq.read_table(path, columns=['activation', 'context', 'explanation'])
     except (OSError, ValueError) as e:  # a cut or foreign file; ArrowInvalid is a ValueError
-        raise ValueError(f"{path} is not a split written by datagen.py ({str(e).splitlines()[0]})") from None
+        raise ValueError(f"{path} is not a split written by datagen.py ({first_line(e)})") from None
     if table.num_rows == 0:
         raise ValueError(f"{path} has no rows")
     acts = table.column('activation').combine_chunks()

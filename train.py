@@ -963,8 +963,8 @@ def main(config):
             run.sample = lambda *args: vllm_rollouts(run.engine, *args)
         else:
             run.sample = lambda *args: rollouts(run.av, *args) + (None,)
-    if master_process:
-        run.out_dir_lock = lock if lock is not None else lock_out_dir()
+    if master_process and lock is None:  # no out_dir at the checks: made and locked now (the fd stays open until exit)
+        lock_out_dir()
     if resume:
         load_checkpoint(run)
     if master_process:
@@ -985,9 +985,7 @@ def main(config):
             if master_process:  # os.write: a print here could land inside another print; torchrun kills its ranks itself
                 os.write(2, b"train: Ctrl-C: stopping at the end of this step, with a checkpoint" +
                          (b"\n" if ddp else b" (Ctrl-C again: at once)\n"))
-    for number in (signal.SIGINT, signal.SIGTERM):
-        if signal.getsignal(number) is not signal.SIG_IGN:  # as Python does: a script's background job ignores Ctrl-C
-            signal.signal(number, ask_to_stop)
+    nla.on_stop_signals(ask_to_stop)
     {'sft_av': sft_av, 'sft_ar': sft_ar, 'rl': rl, 'eval': eval_stage}[stage](run)
 
 
