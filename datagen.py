@@ -145,8 +145,12 @@ def read_corpus(path, group_column='', max_docs=0):
                 for n, line in enumerate(f, 1):
                     try:
                         obj = json.loads(line) if line.strip() else {'text': None, group_column: None}
+                        if isinstance(obj['text'], str):
+                            obj['text'].encode()  # JSON takes a lone surrogate escape ("\ud83d"), which is not text
                         docs.append(obj['text'])
                         groups.append(obj[group_column] if group_column else n)
+                    except UnicodeEncodeError:
+                        fail(f"corpus '{path}' line {n}: its text holds a lone surrogate escape (a cut emoji?), which is not UTF-8")
                     except (ValueError, KeyError, TypeError):
                         fail(f"corpus '{path}' line {n} is not a JSON object with a 'text' key"
                              + (f" and a '{group_column}' key (group_column)" if group_column else ''))
@@ -258,7 +262,7 @@ def activations(backbone, docs_ids, doc_positions, pad_id, batch_size, device):
 def context_explanation(context):
     """The offline teacher: the context's most salient earlier words, then a quote of its last words."""
     words = context.split()
-    last = ' '.join(words[-6:])
+    last = ' '.join(words[-6:]).replace('</explanation>', '</ explanation>')  # a quoted closing tag would end it early
     earlier = {w.strip('.,;:!?"\'()[]').lower() for w in words[:-6]}
     salient = sorted((w for w in earlier if w.isalpha()), key=lambda w: (-len(w), w))[:3]
     lines = ([f"- earlier words: {', '.join(salient)}"] if salient else []) + [f'- ends with: "{last}"']
@@ -284,11 +288,11 @@ def api_call(context, api_key, stop):
                 text = None
             if not isinstance(text, str):
                 fail(f"teacher api: {api_base_url} answered with no chat completion text: {answer[:200]!r}")
-            return text if nla.extract_explanation(text) is not None else f"<explanation>{text.strip()}</explanation>"
+            return text
         except urllib.error.HTTPError as e:
             if e.code != 429 and e.code < 500 or attempt == api_retries:
                 fail(f"teacher api: HTTP {e.code} from {api_base_url}: {e.read()[:200]!r}")
-        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.IncompleteRead) as e:  # dropped, cut
+        except (OSError, http.client.HTTPException) as e:  # unreachable, dropped, timed out, cut, not HTTP at all
             if attempt == api_retries:
                 fail(f"teacher api: {api_base_url} unreachable after {api_retries + 1} tries: {e}")
         stop.wait(2 ** attempt)
@@ -335,7 +339,14 @@ def api_explanations(contexts, cache_path):
         except BaseException:  # a failed request, Ctrl-C or SIGTERM: the queued contexts are dropped, and the
             stop.set()  # requests in flight make no further tries (one already sent ends within its 120 s timeout)
             raise
-    return [cache[key(c)] for c in contexts]
+    return [as_explanation(cache[key(c)]) for c in contexts]
+
+
+def as_explanation(answer):
+    """The teacher's explanation alone, in its tags: a preamble, a reasoning block or chatter after it would become
+    the verbalizer's target. An answer without the tags is taken whole."""
+    inner = nla.extract_explanation(answer)
+    return f"<explanation>{answer.strip() if inner is None else inner}</explanation>"
 
 
 def main(config):

@@ -450,12 +450,14 @@ def test_a_model_folder_without_its_weights_is_one_line_and_no_output(tiny_dir, 
     ('c.parquet', parquet_bytes(pa.table({'text': [1, 2]})), "document 0 is int, not a string"),
     ('c.jsonl', b'{"text": "a b"}\nnot json\n', "line 2 is not a JSON object"),
     ('c.jsonl', b'{"text": "a b"}\n{"body": "c d"}\n', "line 2 is not a JSON object with a 'text' key"),
+    ('c.jsonl', b'{"text": "a b"}\n{"text": "cut \\ud83d emoji"}\n', "line 2: its text holds a lone surrogate escape"),
     ('c.txt', b'caf\xe9 au lait', "'utf-8' codec can't decode"),
     ('folder.txt', None, "is a folder, not a file"),
     ('hf://foo', None, "must look like hf://OWNER/REPO/FILE.parquet"),
     ('hf://owner/repo/c.parquet', None, "could not be downloaded"),
     ('hf://an owner/repo/c.parquet', None, "could not be downloaded (HFValidationError)"),
-], ids=['truncated parquet', 'damaged parquet', 'non-string text', 'jsonl not json', 'jsonl no text', 'txt not utf-8', 'folder',
+], ids=['truncated parquet', 'damaged parquet', 'non-string text', 'jsonl not json', 'jsonl no text', 'jsonl surrogate',
+        'txt not utf-8', 'folder',
         'malformed hf', 'hf offline', 'hf bad repo id'])
 def test_unreadable_corpus_one_line(tiny_dir, tmp_path, monkeypatch, name, content, message):
     import huggingface_hub.constants
@@ -659,6 +661,59 @@ def test_api_call_retries_a_rate_limit_a_dropped_connection_and_a_cut_answer(mon
         monkeypatch.setattr(datagen, 'api_base_url', url)
         assert datagen.api_call('some context', 'test-key', threading.Event()) == '<explanation>x</explanation>'
     assert FlakyTeacher.calls == 2
+
+
+class NotHTTP(http.server.BaseHTTPRequestHandler):
+    """Answers as an SSH server would (an api_base_url with the wrong port): not a status line, so no HTTP at all."""
+    calls = 0
+
+    def handle(self):
+        NotHTTP.calls += 1
+        self.wfile.write(b'SSH-2.0-OpenSSH_9.6\r\n')
+
+
+class NoBackoff(threading.Event):
+    def wait(self, timeout=None):
+        return self.is_set()
+
+
+def test_api_call_retries_an_answer_that_is_not_http_then_names_it(monkeypatch):
+    NotHTTP.calls = 0
+    monkeypatch.setattr(datagen, 'api_retries', 1)
+    with serving(NotHTTP) as url:
+        monkeypatch.setattr(datagen, 'api_base_url', url)
+        with pytest.raises(SystemExit, match=r'unreachable after 2 tries: .*SSH-2\.0'):
+            datagen.api_call('some context', 'test-key', NoBackoff())
+    assert NotHTTP.calls == 2
+
+
+class ChattyTeacher(http.server.BaseHTTPRequestHandler):
+    """Wraps its explanation in reasoning and chatter, as a reasoning or chat model behind an OpenAI-style server may."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers['Content-Length']))
+        text = '<think>Let me reason.</think>\nSure! <explanation>- ends with a verb</explanation>\nHope this helps!'
+        reply = json.dumps({'choices': [{'message': {'content': text}}]}).encode()
+        self.send_response(200)
+        self.send_header('Content-Length', str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_api_explanation_is_the_tagged_part_alone(tmp_path, monkeypatch):
+    """The verbalizer is trained to write the stored explanation: the teacher's preamble and chatter stay out of it."""
+    monkeypatch.setenv(datagen.api_key_env, 'test-key')
+    with serving(ChattyTeacher) as url:
+        monkeypatch.setattr(datagen, 'api_base_url', url)
+        assert datagen.api_explanations(['a context'], str(tmp_path / 'cache.jsonl')) == ['<explanation>- ends with a verb</explanation>']
+
+
+def test_offline_teacher_quotes_a_closing_tag_without_ending_the_explanation():
+    explanation = datagen.context_explanation('the answer goes between the tags and the prompt; close it with </explanation> now')
+    assert nla.extract_explanation(explanation).endswith('"prompt; close it with </ explanation> now"')
 
 
 class HalfFatalTeacher(http.server.BaseHTTPRequestHandler):
