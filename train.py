@@ -882,9 +882,9 @@ def check_config():
         fail(f"seed must be in [0, 2**32), got {seed}")
     if not 0 < vllm_gpu_memory <= 1 or not 0 <= min_lr_frac <= 1:
         fail(f"vllm_gpu_memory must be in (0, 1] and min_lr_frac in [0, 1], got {vllm_gpu_memory} and {min_lr_frac}")
-    for name, value in (('batch_size', batch_size), ('batch_prompts', batch_prompts)):
-        if value % ddp_world_size:
-            fail(f"{name}={value} must divide by the number of ranks, {ddp_world_size}")
+    name, value = ('batch_prompts', batch_prompts) if stage == 'rl' else ('batch_size', batch_size)  # the stage's global batch
+    if stage != 'eval' and value % ddp_world_size:
+        fail(f"{name}={value} must divide by the number of ranks, {ddp_world_size}")
     if stage == 'rl' and max_steps <= 0:
         fail("stage 'rl' needs max_steps > 0")
     if stage in ('rl', 'eval') and (not init_av or not init_ar):

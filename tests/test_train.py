@@ -559,6 +559,21 @@ def test_check_config_refusals(monkeypatch, tmp_path, settings, message):
         train.check_config()
 
 
+@pytest.mark.parametrize('stage, refused', [('sft_av', 'batch_size'), ('sft_ar', 'batch_size'), ('rl', 'batch_prompts')])
+def test_only_the_stage_batch_must_divide_by_the_ranks(monkeypatch, tmp_path, stage, refused):
+    """Three ranks: the stage's own global batch is refused when it does not divide, the other stage's is not looked at."""
+    settings = {'out_dir': str(tmp_path), 'stage': stage, 'ddp_world_size': 3, 'batch_size': 30, 'batch_prompts': 30,
+                'max_steps': 5, 'init_av': 'a' if stage == 'rl' else '', 'init_ar': 'b' if stage == 'rl' else ''}
+    for k, v in settings.items():
+        monkeypatch.setattr(train, k, v)
+    other = {'batch_size': 'batch_prompts', 'batch_prompts': 'batch_size'}[refused]
+    monkeypatch.setattr(train, other, 32)
+    train.check_config()
+    monkeypatch.setattr(train, refused, 32)
+    with pytest.raises(SystemExit, match=f'{refused}=32 must divide by the number of ranks, 3'):
+        train.check_config()
+
+
 def fresh_run():
     """What run_loop reads of a run that has made no step, on one CPU process."""
     return types.SimpleNamespace(step=0, eval_step=-1, bad_steps=0, skipped=0, stop=0, dev='cpu')
