@@ -431,9 +431,22 @@ def test_policy_loss_by_hand():
 
 
 def test_logratio_clamp_bounds_k3():
-    """A token the policy made far less likely than the reference (log ratio 20) counts as a log ratio of 10."""
-    _, kl = train.policy_loss(torch.tensor([[-20.0]]), torch.tensor([[0.0]]), torch.zeros(1), torch.ones(1, 1), 1.0, 10.0)
-    assert kl.item() == pytest.approx(math.exp(10) - 10 - 1)
+    """A token the policy made far less likely than the reference (log ratio 20) counts as a log ratio of 10, and one it
+    made far more likely (log ratio -20) as -10."""
+    _, kl = train.policy_loss(torch.tensor([[-20.0], [0.0]]), torch.tensor([[0.0], [-20.0]]), torch.zeros(2), torch.ones(2, 1), 1.0, 10.0)
+    assert kl.tolist() == pytest.approx([math.exp(10) - 10 - 1, math.exp(-10) + 10 - 1])
+
+
+def test_kl_term_pulls_the_policy_toward_the_reference():
+    """With no advantage, the loss's gradient is the k3 term's: d/dlogp kl_coef * (exp(r) - r - 1), r = ref - logp, is
+    kl_coef * (1 - exp(r)), per masked token over the rollout's token count (a KL that was logged but not trained fails)."""
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.2, -4.0]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -1.0, 0.0], [-0.1, -0.2, -1.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    loss, _ = train.policy_loss(logp, ref, torch.zeros(2), mask, kl_coef=0.1, logratio_clamp=10.0)
+    loss.sum().backward()
+    want = 0.1 * (1 - (ref - logp.detach()).exp()) * mask / mask.sum(1, keepdim=True)
+    torch.testing.assert_close(logp.grad, want)
 
 
 def test_k3_is_zero_when_policy_equals_reference():
@@ -484,12 +497,16 @@ def test_a_base_model_lora_cannot_adapt_is_refused_in_one_line(tmp_path, monkeyp
         train.build_ar('', {'layer': 0}, 'explanation', 'cpu')
 
 
-def test_take_rows_is_a_seeded_stream():
+def test_take_rows_is_a_seeded_stream(monkeypatch):
     a, c1 = train.take_rows(0, 7, 10)
     b, c2 = train.take_rows(c1, 7, 10)
     assert (c1, c2) == (7, 14) and sorted(a + b[:3]) == list(range(10))  # epoch 0 whole, then epoch 1
+    assert b[3:] == train.take_rows(10, 4, 10)[0] and train.take_rows(0, 14, 10)[0] == a + b  # epoch 1 from its start
     assert train.take_rows(7, 7, 10)[0] == b
+    assert train.take_rows(23, 4, 10)[0] == train.take_rows(20, 7, 10)[0][3:]  # a resume inside a later epoch
     assert train.take_rows(0, 10, 10)[0] != train.take_rows(10, 10, 10)[0]  # each epoch its own order
+    monkeypatch.setattr(train, 'seed', train.seed + 1)
+    assert train.take_rows(0, 10, 10)[0] != a + b[:3]  # the config's seed orders the rows
 
 
 def test_lr_schedule(monkeypatch):
