@@ -270,8 +270,8 @@ def context_explanation(context):
 
 
 def api_call(context, api_key, stop):
-    """One chat completion with retries and exponential backoff on rate limits, server errors, timeouts and
-    dropped connections; None once `stop` is set (the run is ending: no more tries)."""
+    """One chat completion with retries and exponential backoff on rate limits, server errors, timeouts, dropped
+    connections and answers that are not HTTP; None once `stop` is set (the run is ending: no more tries)."""
     body = json.dumps({'model': api_model, 'temperature': 0,
                        'messages': [{'role': 'user', 'content': API_INSTRUCTION.format(context=context)}]}).encode()
     request = urllib.request.Request(f"{api_base_url.rstrip('/')}/chat/completions", data=body, headers={
@@ -292,6 +292,8 @@ def api_call(context, api_key, stop):
         except urllib.error.HTTPError as e:
             if e.code != 429 and e.code < 500 or attempt == api_retries:
                 fail(f"teacher api: HTTP {e.code} from {api_base_url}: {e.read()[:200]!r}")
+        except http.client.InvalidURL as e:  # a space or newline in the URL: no retry mends it
+            fail(f"teacher api: api_base_url '{api_base_url}' is not a valid URL: {e}")
         except (OSError, http.client.HTTPException) as e:  # unreachable, dropped, timed out, cut, not HTTP at all
             if attempt == api_retries:
                 fail(f"teacher api: {api_base_url} unreachable after {api_retries + 1} tries: {e}")
@@ -344,9 +346,9 @@ def api_explanations(contexts, cache_path):
 
 def as_explanation(answer):
     """The teacher's explanation alone, in its tags: a preamble, a reasoning block or chatter after it would become
-    the verbalizer's target. An answer without the tags is taken whole."""
+    the verbalizer's target. An answer without both tags (cut short by a token limit?) is taken whole, less any tag."""
     inner = nla.extract_explanation(answer)
-    return f"<explanation>{answer.strip() if inner is None else inner}</explanation>"
+    return f"<explanation>{re.sub(r'</?explanation>', '', answer).strip() if inner is None else inner}</explanation>"
 
 
 def main(config):

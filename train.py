@@ -882,7 +882,7 @@ def check_config():
         fail(f"seed must be in [0, 2**32), got {seed}")
     if not 0 < vllm_gpu_memory <= 1 or not 0 <= min_lr_frac <= 1:
         fail(f"vllm_gpu_memory must be in (0, 1] and min_lr_frac in [0, 1], got {vllm_gpu_memory} and {min_lr_frac}")
-    name, value = ('batch_prompts', batch_prompts) if stage == 'rl' else ('batch_size', batch_size)  # the stage's global batch
+    name, value = ('batch_prompts', batch_prompts) if stage == 'rl' else ('batch_size', batch_size)  # the other goes unused
     if stage != 'eval' and value % ddp_world_size:
         fail(f"{name}={value} must divide by the number of ranks, {ddp_world_size}")
     if stage == 'rl' and max_steps <= 0:

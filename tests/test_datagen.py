@@ -709,6 +709,20 @@ def test_api_explanation_is_the_tagged_part_alone(tmp_path, monkeypatch):
     with serving(ChattyTeacher) as url:
         monkeypatch.setattr(datagen, 'api_base_url', url)
         assert datagen.api_explanations(['a context'], str(tmp_path / 'cache.jsonl')) == ['<explanation>- ends with a verb</explanation>']
+    assert 'Hope this helps!' in (tmp_path / 'cache.jsonl').read_text()  # the cache keeps the answer as it came
+
+
+def test_an_answer_cut_before_its_closing_tag_keeps_no_stray_tag():
+    assert datagen.as_explanation('<explanation>cut before its close ') == '<explanation>cut before its close</explanation>'
+    assert datagen.as_explanation('no tags at all') == '<explanation>no tags at all</explanation>'
+
+
+def test_an_api_base_url_that_is_no_url_fails_at_once(monkeypatch):
+    monkeypatch.setattr(datagen, 'api_base_url', 'http://127.0.0.1:9/v 1')
+    stop = NoBackoff()
+    stop.wait = lambda timeout=None: pytest.fail('an invalid URL was retried')
+    with pytest.raises(SystemExit, match=r"api_base_url 'http://127.0.0.1:9/v 1' is not a valid URL"):
+        datagen.api_call('some context', 'test-key', stop)
 
 
 def test_offline_teacher_quotes_a_closing_tag_without_ending_the_explanation():

@@ -591,6 +591,14 @@ def test_only_the_stage_batch_must_divide_by_the_ranks(monkeypatch, tmp_path, st
         train.check_config()
 
 
+def test_an_eval_takes_no_batch_so_none_must_divide_by_the_ranks(monkeypatch, tmp_path):
+    settings = {'out_dir': str(tmp_path), 'stage': 'eval', 'ddp_world_size': 3, 'batch_size': 32, 'batch_prompts': 32,
+                'init_av': 'a', 'init_ar': 'b'}
+    for k, v in settings.items():
+        monkeypatch.setattr(train, k, v)
+    train.check_config()
+
+
 def fresh_run():
     """What run_loop reads of a run that has made no step, on one CPU process."""
     return types.SimpleNamespace(step=0, eval_step=-1, bad_steps=0, skipped=0, stop=0, dev='cpu')
