@@ -292,8 +292,6 @@ def api_call(context, api_key, stop):
         except urllib.error.HTTPError as e:
             if e.code != 429 and e.code < 500 or attempt == api_retries:
                 fail(f"teacher api: HTTP {e.code} from {api_base_url}: {e.read()[:200]!r}")
-        except http.client.InvalidURL as e:  # a space or newline in the URL: no retry mends it
-            fail(f"teacher api: api_base_url '{api_base_url}' is not a valid URL: {e}")
         except (OSError, http.client.HTTPException) as e:  # unreachable, dropped, timed out, cut, not HTTP at all
             if attempt == api_retries:
                 fail(f"teacher api: {api_base_url} unreachable after {api_retries + 1} tries: {e}")
@@ -375,6 +373,8 @@ def main(config):
             fail(f"teacher='api' needs the key in the environment variable {api_key_env}, which is not set")
         if not api_base_url.startswith(('http://', 'https://')):
             fail(f"api_base_url must start with http:// or https://, got '{api_base_url}'")
+        if re.search(r'[\x00-\x20\x7f]', api_base_url):  # http.client refuses it, but only at the first request
+            fail(f"api_base_url {api_base_url!r} is not a valid URL: it holds a space or a control character")
         try:  # a port that is not a number fails here, not at the first request
             urllib.parse.urlsplit(api_base_url).port
         except ValueError as e:
