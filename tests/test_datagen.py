@@ -670,6 +670,10 @@ class NotHTTP(http.server.BaseHTTPRequestHandler):
 
     def handle(self):
         NotHTTP.calls += 1
+        self.raw_requestline = self.rfile.readline()
+        self.parse_request()
+        # the whole request is read first: a socket closed with bytes unread is reset, and the client may see the reset
+        self.rfile.read(int(self.headers['Content-Length']))
         self.wfile.write(b'SSH-2.0-OpenSSH_9.6\r\n')
 
 
@@ -784,6 +788,7 @@ def test_api_cache_line_that_is_not_json_is_named(tiny_dir, tmp_path, teacher_ur
 
 class NotATeacher(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
+        self.rfile.read(int(self.headers['Content-Length']))  # as NotHTTP: a request left unread may reset the answer
         self.send_response(200)  # a web page, as a wrong api_base_url would give
         self.end_headers()
         self.wfile.write(b'<html>hello</html>')
