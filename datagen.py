@@ -384,7 +384,7 @@ def main(config):
         run_device = nla.resolve_device(device)
         nla.torch_dtype(dtype)
         tokenizer = nla.load_tokenizer(base_model)
-        signature = nla.model_signature(base_model)
+        signature = nla.model_signature(base_model, tokenizer)
         nla.check_layer(base_model, layer, signature['n_layers'])
         prompt_ids, marker_pos = nla.av_prompt(tokenizer, marker)
         texts, groups, doc_ids, repeats = read_corpus(corpus, group_column, max_docs)  # read before the model loads, which can take minutes

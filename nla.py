@@ -90,12 +90,17 @@ def load_tokenizer(name):
     return tok
 
 
-def model_signature(name):
-    """What data and weights record of the model they were made with, so that another one is refused."""
+def model_signature(name, tokenizer):
+    """What data and weights record of the model they were made with, so that another one is refused. The tokenizer
+    must give no id past the embedding (one grown by added tokens, the model not resized, would fail mid-forward)."""
     try:
         cfg = AutoConfig.from_pretrained(name).get_text_config()
     except (OSError, ValueError) as e:
         raise ValueError(f"base_model '{name}': its config cannot be loaded: {' '.join(str(e).split())}") from None
+    rows = getattr(cfg, 'vocab_size', None)
+    if rows and len(tokenizer) > rows:
+        raise ValueError(f"base_model '{name}': its tokenizer has {len(tokenizer)} tokens but its embedding {rows} rows "
+                         "(tokens added, the model not resized?)")
     return {'model_type': cfg.model_type, 'n_layers': cfg.num_hidden_layers, 'd_model': cfg.hidden_size}
 
 
@@ -629,7 +634,7 @@ def read_data_meta(data_dir, base_model, tokenizer):
         raise ValueError(f"{path} has no {', '.join(missing)}: it was written by another or an older datagen.py; run it again")
     if not isinstance(meta['alpha'], (int, float)) or not 0 < meta['alpha'] < math.inf:
         raise ValueError(f"{path}: alpha must be a finite number > 0, got {meta['alpha']}")
-    signature = model_signature(base_model)
+    signature = model_signature(base_model, tokenizer)
     problems = [f"{k} {meta[k]!r} vs the model's {v!r}" for k, v in signature.items() if meta[k] != v]
     if not isinstance(meta['layer'], int) or not 0 <= meta['layer'] < signature['n_layers']:
         problems.append(f"layer {meta['layer']!r} vs the model's {signature['n_layers']} blocks")

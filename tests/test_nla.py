@@ -248,8 +248,18 @@ def test_a_model_type_transformers_does_not_know_is_one_line(tiny_dir, tmp_path)
     config = json.loads((tmp_path / 'model' / 'config.json').read_text())
     (tmp_path / 'model' / 'config.json').write_text(json.dumps({**config, 'model_type': 'nosuchmodel'}))
     with pytest.raises(ValueError, match="its config cannot be loaded: .*model type `nosuchmodel`") as e:
-        nla.model_signature(str(tmp_path / 'model'))
+        nla.model_signature(str(tmp_path / 'model'), nla.load_tokenizer(tiny_dir['llama']))
     assert '\n' not in str(e.value)
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(tiny_dir, tmp_path):
+    shutil.copytree(tiny_dir['llama'], tmp_path / 'model')
+    tok = nla.load_tokenizer(tiny_dir['llama'])
+    rows = len(tok)
+    assert nla.model_signature(str(tmp_path / 'model'), tok)['d_model'] == 64  # the conftest model's embedding fits it
+    tok.add_tokens(['<added>'])
+    with pytest.raises(ValueError, match=f"its tokenizer has {rows + 1} tokens but its embedding {rows} rows"):
+        nla.model_signature(str(tmp_path / 'model'), tok)
 
 def test_missing_layer_is_a_clear_error(tiny_dir):
     with pytest.raises(ValueError, match='layer 9 does not exist'):
