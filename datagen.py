@@ -299,7 +299,7 @@ def api_call(context, api_key, stop):
 
 
 def api_explanations(contexts, cache_path):
-    """Explanations from the api teacher, with an on-disk cache keyed by endpoint, model and context, so an
+    """Explanations from the api teacher, with an on-disk cache keyed by endpoint, model, instruction and context, so an
     interrupted run resumes without paying twice (two servers may give one name to different models)."""
     api_key = os.environ[api_key_env]  # checked by main() before any work
     endpoint = api_base_url.rstrip('/')

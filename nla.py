@@ -340,7 +340,7 @@ def extract_explanation(text):
 
 class Reconstructor(nn.Module):
     """Blocks 0..K of the LM (final norm = identity) -> last token -> normalise to sqrt(d) -> fp32 head.
-    The blocks run under autocast to `compute_dtype` when their weights are kept in fp32."""
+    The blocks run under autocast to `compute_dtype` unless it is fp32 (weights trained in full are kept in fp32)."""
 
     def __init__(self, backbone, compute_dtype=torch.float32):
         super().__init__()
@@ -599,8 +599,11 @@ def data_digest(meta, paths):
     """The data_id of meta (but its config and data_id) and the split files at paths."""
     digest = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k not in ('config', 'data_id')}, sort_keys=True).encode())
     for path in paths:
+        file_digest = hashlib.sha256()
         with open(path, 'rb') as f:
-            digest.update(hashlib.file_digest(f, 'sha256').digest())
+            for block in iter(lambda: f.read(1 << 20), b''):
+                file_digest.update(block)
+        digest.update(file_digest.digest())
     return digest.hexdigest()[:16]
 
 

@@ -278,17 +278,23 @@ def ar_predict(ar, tokenizer, texts, dev):
 # GRPO pieces: rollouts() -> score() -> advantages() -> policy_loss(), then the AR step
 
 
+def sample_seed(seed_key, row):
+    """The seed of the sampling that starts at `row` of the global batch: from (seed, seed_key, row), where seed_key
+    tells the draw apart ((0, step) for a GRPO step, (1, step) for an eval)."""
+    return int(np.random.SeedSequence([seed, *seed_key, row]).generate_state(1)[0])
+
+
 @torch.no_grad()
 def rollouts(av, prompt_embeds, n_per_prompt, end_ids, pad_id, seed_key, first_row):
-    """Sample n_per_prompt responses per prompt in chunks of gen_batch_size. Each chunk's sampling
-    is seeded from (seed, seed_key, its first row in the global batch), so a resumed run, or the same
-    batch split over more ranks, draws the same rollouts. Returns ids (N, T), the mask of response
-    tokens (the end token included), lengths, and whether each hit the cap with no end token."""
+    """Sample n_per_prompt responses per prompt in chunks of gen_batch_size, each chunk seeded by its first row, so a
+    resumed run, or the same batch split over more ranks (when gen_batch_size divides each rank's share), draws the
+    same rollouts. Returns ids (N, T), the mask of response tokens (the end token included), lengths, and whether each
+    hit the cap with no end token."""
     x = prompt_embeds.repeat_interleave(n_per_prompt, 0)  # (N, P, d)
     attn = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
     chunks = []
     for i in range(0, x.shape[0], gen_batch_size):
-        torch.manual_seed(int(np.random.SeedSequence([seed, *seed_key, first_row + i]).generate_state(1)[0]))
+        torch.manual_seed(sample_seed(seed_key, first_row + i))
         out = av.generate(inputs_embeds=x[i:i + gen_batch_size], attention_mask=attn[i:i + gen_batch_size])
         chunks.append(torch.nn.functional.pad(out, (0, max_new_tokens - out.shape[1]), value=pad_id))
     ids = torch.cat(chunks)  # (N, T)
@@ -374,7 +380,7 @@ def vllm_rollouts(engine, prompt_embeds, n_per_prompt, end_ids, pad_id, seed_key
     prompts = [{'prompt_embeds': e.detach().to('cpu').contiguous()} for e in prompt_embeds]  # (P, d), model dtype
     params = [SamplingParams(n=n_per_prompt, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=max_new_tokens,
                              stop_token_ids=end_ids, logprobs=0, detokenize=False,
-                             seed=int(np.random.SeedSequence([seed, *seed_key, first_row + i * n_per_prompt]).generate_state(1)[0]))
+                             seed=sample_seed(seed_key, first_row + i * n_per_prompt))
               for i in range(len(prompts))]
     samples = [c for out in engine.generate(prompts, params, use_tqdm=False) for c in out.outputs]
     N, dev = len(samples), prompt_embeds.device
@@ -523,7 +529,7 @@ def write_checkpoint(run):
         nla.save_weights(os.path.join(out_dir, 'ar.safetensors'), nla.trainable_state(run.ar),
                          {**run.ar_meta, **meta})
     ckpt = {'step': run.step, 'eval_step': run.eval_step, 'cursor': run.cursor, 'bad_steps': run.bad_steps, 'skipped': run.skipped, 'config': run.config,
-            'data_id': run.meta['data_id'], 'av_frozen': run.av_frozen, 'lora': lora_settings(run),
+            'data_id': run.meta['data_id'], 'av_frozen': run.av_frozen, 'built': build_settings(run),
             'av': None if run.av_opt is None else nla.trainable_state(run.av),
             'ar': None if run.ar_opt is None else nla.trainable_state(run.ar),
             'av_opt': None if run.av_opt is None else run.av_opt.state_dict(),
@@ -534,10 +540,10 @@ def write_checkpoint(run):
         torch.save(ckpt, tmp)
 
 
-def lora_settings(run):
-    """How the adapters were built (from the config, or from an init's metadata): a resume must build them alike."""
+def build_settings(run):
+    """How the models were built (from the config, or from an init's metadata): a resume must build them alike."""
     return {'av': [run.av_meta.get(k) for k in ('lora_rank', 'lora_alpha', 'rslora')],
-            'ar': [run.ar_meta.get(k) for k in ('ar_lora_rank', 'lora_alpha', 'rslora')]}
+            'ar': [run.ar_meta.get(k) for k in ('ar_lora_rank', 'lora_alpha', 'rslora', 'ar_max_tokens')]}
 
 
 # what a resumed run may change: when it stops, how often it reports, how it fits the machine, and where its folders
@@ -553,7 +559,7 @@ def load_checkpoint(run):
         ckpt = torch.load(path, map_location='cpu', weights_only=False)
     except (RuntimeError, EOFError, pickle.UnpicklingError):
         fail(f"{path} cannot be read (cut short by a crash?): resume from a copy, or start again")
-    if {'data_id', 'av_frozen', 'lora'} - ckpt.keys():
+    if {'data_id', 'av_frozen', 'built'} - ckpt.keys():
         fail(f"{path} was written by an older train.py, which did not record its data and init: start the run again")
     if ckpt['data_id'] != run.meta['data_id']:
         fail(f"{path} was made on data {ckpt['data_id']}, but {data_dir} now holds data {run.meta['data_id']} "
@@ -567,9 +573,9 @@ def load_checkpoint(run):
     if changed:
         fail(f"{path} was made with {', '.join(f'{k}={saved.get(k)!r}' for k in changed)}: "
              f"resume with the same settings (only {', '.join(RESUMABLE[1:])} may change)")
-    if ckpt['lora'] != lora_settings(run):
-        fail(f"{path}: its adapters were built with {ckpt['lora']} (rank, alpha, rslora), the inits given now build "
-             f"{lora_settings(run)}: resume with the init_av and init_ar the run started from")
+    if ckpt['built'] != build_settings(run):
+        fail(f"{path}: its models were built with {ckpt['built']} (rank, alpha, rslora; the AR's text tokens), the inits "
+             f"given now build {build_settings(run)}: resume with the init_av and init_ar the run started from")
     if ckpt['step'] > run.total:
         fail(f"{path} is at step {ckpt['step']}, past this run's last step, {run.total}: resume with a larger max_steps")
     for model, opt, key in ((run.av, run.av_opt, 'av'), (run.ar, run.ar_opt, 'ar')):
@@ -610,13 +616,15 @@ def lock_out_dir():
 
 
 def log(run, record):
-    """One JSON line in log.jsonl, mirrored to wandb (a no-op unless wandb_log). Master only."""
+    """One JSON line in log.jsonl, mirrored to wandb (a no-op unless wandb_log) under keys named by stage: an rl step and
+    the eval at that step both have an `fve`, and wandb keeps one value per key and step. Master only."""
     if not master_process:
         return
     record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}  # strict JSON
     with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
         f.write(json.dumps(record, allow_nan=False) + '\n')
-    run.wandb_log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record['step'])
+    run.wandb_log({f"{record['stage']}/{k}": v for k, v in record.items() if isinstance(v, (int, float)) and k != 'step'},
+                  step=record['step'])
 
 
 def fmt(record, skip=('stage', 'step')):

@@ -625,7 +625,6 @@ def test_api_teacher_retries_and_caches(tiny_dir, tmp_path, teacher_url, monkeyp
     assert 'replaced data' not in capsys.readouterr().err  # the same data written again
 
 
-
 def test_api_cache_is_not_used_for_another_endpoint(tiny_dir, tmp_path, teacher_url, monkeypatch):
     """Two servers may give one model name to different models: answers cached from one are not taken for the other's."""
     monkeypatch.setenv('OPENAI_API_KEY', 'test-key')
@@ -633,6 +632,7 @@ def test_api_cache_is_not_used_for_another_endpoint(tiny_dir, tmp_path, teacher_
     first = FakeTeacher.calls  # one rate-limited request, then one per context
     run_datagen(monkeypatch, *api_args(tiny_dir, tmp_path / 'out', teacher_url.replace('/v1', '/v2')))
     assert FakeTeacher.calls == 2 * first - 1, (first, FakeTeacher.calls)
+
 
 class FlakyTeacher(http.server.BaseHTTPRequestHandler):
     """Its first answer fails as `first` says (a rate limit, a connection closed unanswered, an answer cut short), then it answers."""

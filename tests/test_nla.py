@@ -261,6 +261,7 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused(tiny_dir, tmp_path):
     with pytest.raises(ValueError, match=f"its tokenizer has {rows + 1} tokens but its embedding {rows} rows"):
         nla.model_signature(str(tmp_path / 'model'), tok)
 
+
 def test_missing_layer_is_a_clear_error(tiny_dir):
     with pytest.raises(ValueError, match='layer 9 does not exist'):
         nla.load_backbone(tiny_dir['llama'], 10, 'float32')
@@ -281,6 +282,7 @@ def test_weights_that_do_not_fill_the_model_are_refused(tiny_dir, tmp_path, edit
     save_file(weights, model / 'model.safetensors', metadata={'format': 'pt'})
     with pytest.raises(ValueError, match=re.escape(message)):
         load(str(model))
+
 
 def test_mse_scale_and_reward():
     """Normalised to sqrt(d): aligned 0, orthogonal 2, opposite 4, whatever the norms; reward = -mse."""
@@ -410,6 +412,7 @@ def test_a_write_that_fails_keeps_the_old_file_and_leaves_no_partial_one(tmp_pat
         f.write('the next checkpoint')
     assert path.read_text() == 'the next checkpoint' and os.listdir(tmp_path) == ['ckpt.pt']
 
+
 SIGNATURE = {'model_type': 'llama', 'n_layers': 4, 'd_model': 64, 'layer': 1}
 
 
@@ -440,6 +443,7 @@ def test_weights_holding_nan_are_refused(tiny_dir):
     state['head.weight'][3, 5] = float('nan')
     with pytest.raises(ValueError, match=re.escape('init_ar: head.weight holds NaN or inf')):
         nla.load_trainable(ar, state, 'init_ar')
+
 
 def test_ar_save_load_bit_identical(tiny_dir, tmp_path):
     torch.manual_seed(0)

@@ -187,7 +187,17 @@ def test_resume_refuses_inits_that_build_other_adapters(tiny_dir, tiny_data, sft
     run_script('train.py', *args, '--max_steps=1')
     av = edited_weights(sft_runs['av'], 'av.safetensors', tmp_path / 'av', {'lora_alpha': 32.0})
     p = run_script('train.py', *args, '--max_steps=2', '--resume=True', f'--init_av={av}', ok=False)
-    assert 'its adapters were built with' in p.stderr.strip().splitlines()[-1]
+    assert 'its models were built with' in p.stderr.strip().splitlines()[-1]
+
+
+def test_resume_refuses_an_init_ar_that_reads_another_text_length(tiny_dir, tiny_data, sft_runs, tmp_path):
+    """The AR's text length comes from init_ar's metadata: a resume given an AR of another ar_max_tokens would go on
+    reading texts cut elsewhere."""
+    args = [*base_args(tiny_dir, tiny_data), '--stage=sft_ar', f'--out_dir={tmp_path / "run"}', '--eval_interval=100']
+    run_script('train.py', *args, '--max_steps=1')
+    ar = edited_weights(sft_runs['ar'], 'ar.safetensors', tmp_path / 'ar', {'ar_max_tokens': 16})
+    p = run_script('train.py', *args, '--max_steps=2', '--resume=True', f'--init_ar={ar}', ok=False)
+    assert 'its models were built with' in p.stderr.strip().splitlines()[-1]
 
 
 def test_resume_names_a_changed_setting_before_the_adapters_it_changes(tiny_dir, tiny_data, tmp_path):
@@ -376,6 +386,7 @@ def test_data_made_under_another_model_name_gets_a_note(tiny_dir, tiny_data, tmp
     note = f"train: note: {tiny_data} was made with {tiny_dir['llama']}, this run loads {model}"
     assert note not in run_script('train.py', *args, f'--base_model={tiny_dir["llama"]}', f'--out_dir={tmp_path / "a"}').stderr
     assert note in run_script('train.py', *args, f'--base_model={model}', f'--out_dir={tmp_path / "b"}').stderr
+
 
 def test_a_run_of_no_steps_is_refused_before_writing(tiny_dir, tiny_data, tmp_path):
     p = run_script('train.py', *base_args(tiny_dir, tiny_data), '--stage=sft_ar', '--batch_size=100000',
@@ -615,6 +626,17 @@ def test_log_interval_logs_the_steps_it_names(monkeypatch):
     assert [s for stage, s in logged if stage != 'eval'] == [2, 4, 5]
 
 
+def test_wandb_gets_each_stage_under_keys_of_its_own(monkeypatch, tmp_path):
+    """An rl step and the eval at that step both log `fve`: under one key, wandb would keep only one of them."""
+    monkeypatch.setattr(train, 'out_dir', str(tmp_path))
+    mirrored = []
+    run = types.SimpleNamespace(wandb_log=lambda values, step: mirrored.append((step, values)))
+    train.log(run, {'stage': 'rl', 'step': 5, 'fve': 0.1, 'mean_len': 30})
+    train.log(run, {'stage': 'eval', 'step': 5, 'fve': 0.2, 'rows': 8})
+    assert mirrored == [(5, {'rl/fve': 0.1, 'rl/mean_len': 30}), (5, {'eval/fve': 0.2, 'eval/rows': 8})]
+    assert [r['fve'] for r in read_log(tmp_path, 'rl') + read_log(tmp_path, 'eval')] == [0.1, 0.2]
+
+
 def loop_events(monkeypatch, tmp_path, run, total, stop_at=None, stop_in_eval=None):
     """What run_loop does, as ('eval', step) and ('save', step), with a SIGTERM arriving during update(stop_at)
     or during the eval of step stop_in_eval."""
@@ -661,6 +683,7 @@ def test_a_sigterm_in_the_last_step_saves_and_the_resume_saves_the_last_eval(mon
     run.stop = 0
     events, message = loop_events(monkeypatch, tmp_path, run, 7)
     assert events == [('eval', 7), ('save', 7, 7)] and message is None, events
+
 
 def test_a_sigterm_in_the_first_eval_leaves_nothing_that_stops_a_rerun(monkeypatch, tmp_path):
     run = fresh_run()
