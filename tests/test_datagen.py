@@ -864,7 +864,8 @@ def test_read_data_meta_refuses(tiny_dir, tiny_data, tmp_path, meta_edit, messag
     (lambda t: t.slice(0, 0), 'has no rows'),
     (lambda t: t.drop_columns(['explanation']), 'is not a split written by datagen.py'),
     (zero_first_activation, 'row 0 has a NaN, inf or all-zero activation'),
-    (null_first('activation'), 'column activation has 1 empty (null) rows'),
+    # pyarrow 25 (the newest for Python 3.10) refuses to read a null fixed-size list; 26 reads it, and read_split refuses it
+    (null_first('activation'), ('column activation has 1 empty (null) rows', 'is not a split written by datagen.py (Expected all lists')),
     (null_first('context'), 'column context has 1 empty (null) rows'),
     (null_inside_first_activation, 'column activation has 1 null values inside its rows'),
     (lambda t: t.set_column(t.column_names.index('explanation'), 'explanation', pa.array(range(t.num_rows))),
@@ -872,7 +873,7 @@ def test_read_data_meta_refuses(tiny_dir, tiny_data, tmp_path, meta_edit, messag
 ])
 def test_read_split_refuses(tiny_data, tmp_path, val, message):
     data = broken_copy(tiny_data, tmp_path, val=val)
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises(ValueError, match='|'.join(map(re.escape, message if isinstance(message, tuple) else [message]))):
         nla.read_split(data, 'val', 64)
 
 
