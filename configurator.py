@@ -5,8 +5,8 @@ nanoGPT's configurator, made safe. A script calls
 
 after its config globals (lower-case names of plain types; ALL_CAPS constants are left out). Arguments are config files (Python, run over the config in order) and then
 --key=value overrides (parsed with ast.literal_eval, falling back to a string). An unknown key, a
-value of the wrong type or a missing file stops the program before any work, with one line naming it
-and the closest valid key. A text value starting with ~/ is a path in the home folder. Returns the resolved config and writes it back into the script's globals.
+value of the wrong type, a missing file or a file line that sets nothing (JSON or YAML read as Python) stops the
+program before any work, with one line naming it and the closest valid key. A text value starting with ~/ is a path in the home folder. Returns the resolved config and writes it back into the script's globals.
 """
 import ast
 import difflib
@@ -43,6 +43,15 @@ def _check(key, value, config, where):
     return float(value) if want is float else value
 
 
+def _sets_nothing(node):
+    """A config file's statement that Python runs without a word and that sets nothing: YAML's `key: value` (an
+    annotation) or a bare value (a JSON file is one dict). A docstring and a call are left alone."""
+    if isinstance(node, ast.AnnAssign):
+        return node.value is None
+    return isinstance(node, ast.Expr) and not isinstance(node.value, ast.Call) and not (
+        isinstance(node.value, ast.Constant) and isinstance(node.value.value, str))
+
+
 def configure(script_globals, argv=None):
     argv = sys.argv[1:] if argv is None else argv
     config = {k: v for k, v in script_globals.items()  # ALL_CAPS names are constants, not config
@@ -54,12 +63,17 @@ def configure(script_globals, argv=None):
             if not os.path.isfile(arg):
                 hint = f" (a setting is written --{arg})" if '=' in arg else ''
                 _fail(f"config file '{arg}' not found{hint}")
-            namespace = dict(config)
+            namespace, idle = dict(config), None
             try:
                 with open(arg) as f:
-                    exec(compile(f.read(), arg, 'exec'), namespace)
+                    tree = ast.parse(f.read(), arg)
+                idle = next((node for node in tree.body if _sets_nothing(node)), None)
+                if idle is None:
+                    exec(compile(tree, arg, 'exec'), namespace)
             except (Exception, SystemExit) as e:  # the file's own error, in one line; its exit() would stop with status 0
                 _fail(f"config file '{arg}' failed: {type(e).__name__}: {e}")
+            if idle is not None:
+                _fail(f"config file '{arg}' line {idle.lineno} sets nothing: a config file is Python, key = value")
             for key, value in namespace.items():
                 if key.startswith('_') or (key not in config and (callable(value) or isinstance(value, types.ModuleType))):
                     continue  # imports and helpers a config file uses

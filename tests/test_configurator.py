@@ -91,6 +91,23 @@ def test_a_config_file_that_raises_stops_with_one_line(tmp_path, text, message):
     assert message in str(e.value) and '\n' not in str(e.value)
 
 
+@pytest.mark.parametrize('text, line', [('{"lr": 0.001, "steps": 7}\n', 1),  # JSON: one dict, which Python evaluates and drops
+                                        ('"""a docstring"""\nsteps = 7\nlr: 0.001\n', 3),  # YAML: an annotation to Python
+                                        ('steps = 7\nlr\n', 2)])
+def test_a_config_file_line_that_sets_nothing_is_refused(tmp_path, text, line):
+    cfg = tmp_path / 'c.py'
+    cfg.write_text(text)
+    with pytest.raises(SystemExit) as e:
+        configurator.configure(defaults(), [str(cfg)])
+    assert str(e.value) == f"config: config file '{cfg}' line {line} sets nothing: a config file is Python, key = value"
+
+
+def test_a_config_file_may_call_and_annotate(tmp_path):
+    cfg = tmp_path / 'c.py'
+    cfg.write_text('"""notes"""\nprint("loading")\nsteps: int = 7\n')
+    assert configurator.configure(defaults(), [str(cfg)])['steps'] == 7
+
+
 @pytest.mark.parametrize('value', ['None', '__import__("numpy").int64(3)'])
 def test_a_known_key_of_another_type_in_a_file_is_refused(tmp_path, value):
     """A value of a type config does not hold (None, a numpy int) was once taken for a helper and dropped."""
