@@ -577,9 +577,9 @@ def write_data(out_dir, tables, meta):
     temporary folder first, then is renamed into place, meta.json last and after the old one is gone: readers never
     see new parquets described by an old meta. Returns the data_id."""
     os.makedirs(out_dir, exist_ok=True)
-    for old in glob.glob(os.path.join(out_dir, '.tmp-*')):  # what a run killed while writing left behind
+    for old in glob.glob(os.path.join(out_dir, '.datagen-tmp-*')):  # what a run killed while writing left behind
         shutil.rmtree(old, ignore_errors=True)
-    tmp = tempfile.mkdtemp(prefix='.tmp-', dir=out_dir)
+    tmp = tempfile.mkdtemp(prefix='.datagen-tmp-', dir=out_dir)  # a name of its own: a folder of the user's is kept
     try:
         for split, table in tables.items():
             pq.write_table(table, os.path.join(tmp, f"{split}.parquet"))

@@ -593,8 +593,12 @@ def load_checkpoint(run):
     if master_process and os.path.isfile(log_path):  # steps logged after the checkpoint are run and logged again
         with open(log_path) as f:
             # a last line cut by a crash has no newline: dropped, as are the steps and the eval that will run again
-            records = [(line, json.loads(line)) for line in f if line.endswith('\n')]
-            lines = [line for line, r in records if r['step'] <= (run.eval_step if r['stage'] == 'eval' else run.step)]
+            lines = [line for line in f if line.endswith('\n')]
+        try:
+            records = [json.loads(line) for line in lines]
+            lines = [line for line, r in zip(lines, records) if r['step'] <= (run.eval_step if r['stage'] == 'eval' else run.step)]
+        except (ValueError, KeyError, TypeError):
+            fail(f"{log_path} holds a line that is not a log record (damaged, or edited?): delete it, then resume")
         with nla.replacing(log_path) as tmp, open(tmp, 'w') as f:
             f.writelines(lines)
     print0(f"resumed {path} at step {run.step}" + (f": the run's last step (max_steps={run.total}), so nothing is left "
@@ -902,6 +906,9 @@ def check_config():
         if globals()[name]:
             fail(f"stage '{stage}' does not use {name} (given {globals()[name]!r}): leave it out")
     checked(nla.check_out_dir, out_dir)
+    for name in ('base_model', 'data_dir', 'init_av', 'init_ar', 'context_ar'):  # a model's config.json, say, would be lost
+        if globals()[name] and os.path.isdir(globals()[name]) and os.path.isdir(out_dir) and os.path.samefile(globals()[name], out_dir):
+            fail(f"out_dir '{out_dir}' is the {name} folder: the run would write over what it reads; choose another out_dir")
     lock = lock_out_dir() if master_process and os.path.isdir(out_dir) else None  # before its files are judged
     has_ckpt = os.path.isfile(os.path.join(out_dir, 'ckpt.pt'))
     if resume and not has_ckpt:

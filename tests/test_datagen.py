@@ -101,7 +101,7 @@ def test_writes_four_splits_and_meta(tiny_data, tiny_dir):
         assert str(t.schema.field('activation').type) == 'fixed_size_list<element: float>[64]'
         assert {'doc_id', 'position', 'context', 'activation', 'explanation'} <= set(t.column_names)
         assert (str(t.schema.field('doc_id').type), str(t.schema.field('position').type)) == ('int64', 'int32')
-    assert not [f for f in os.listdir(tiny_data) if f.startswith('.tmp')]
+    assert not [f for f in os.listdir(tiny_data) if f.startswith('.datagen-tmp')]
 
 
 def test_each_split_holds_its_fraction_of_the_documents(tiny_data):
@@ -509,6 +509,16 @@ def test_out_dir_that_is_a_file_fails_first(tiny_dir, tmp_path, monkeypatch):
     assert f"out_dir '{out}' is a file" in line and out.read_text() == 'keep me'
 
 
+def test_a_corpus_that_datagen_would_write_over_is_refused(tiny_dir, tmp_path, monkeypatch):
+    (tmp_path / 'out').mkdir()
+    corpus = tmp_path / 'out' / 'val.parquet'
+    shutil.copy(tiny_dir['corpus'], corpus)
+    no_model_load(monkeypatch)
+    line = refusal(monkeypatch, f'--base_model={tiny_dir["llama"]}', f'--corpus={corpus}', f'--out_dir={tmp_path / "out"}')
+    assert "is a file that datagen would write over" in line
+    assert corpus.read_bytes() == open(tiny_dir['corpus'], 'rb').read()
+
+
 def test_out_dir_that_cannot_be_made_fails_first(tiny_dir, tmp_path, monkeypatch):
     (tmp_path / 'f').write_text('keep me')
     no_model_load(monkeypatch)
@@ -831,11 +841,12 @@ def test_check_data_id_passes_the_data_as_written_and_refuses_a_changed_file(tin
         nla.check_data_id(data, meta)
 
 
-def test_write_data_removes_a_killed_runs_temporary_folder(tmp_path):
-    (tmp_path / 'out' / '.tmp-k1ll3d').mkdir(parents=True)  # what a run killed while writing left behind
-    (tmp_path / 'out' / '.tmp-k1ll3d' / 'val.parquet').write_text('half')
+def test_write_data_removes_a_killed_runs_temporary_folder_and_no_other(tmp_path):
+    (tmp_path / 'out' / '.datagen-tmp-k1ll3d').mkdir(parents=True)  # what a run killed while writing left behind
+    (tmp_path / 'out' / '.datagen-tmp-k1ll3d' / 'val.parquet').write_text('half')
+    (tmp_path / 'out' / '.tmp-build').mkdir()  # a user's
     nla.write_data(str(tmp_path / 'out'), {'val': pa.table({'x': [1.0]})}, {'config': {}})
-    assert sorted(os.listdir(tmp_path / 'out')) == ['meta.json', 'val.parquet']
+    assert sorted(os.listdir(tmp_path / 'out')) == ['.tmp-build', 'meta.json', 'val.parquet']
 
 
 @pytest.mark.parametrize('meta_edit, message', [

@@ -334,6 +334,22 @@ def test_a_second_run_on_an_out_dir_in_use_is_refused(tiny_dir, tiny_data, tmp_p
     assert steps == list(range(1, len(steps) + 1))
 
 
+@pytest.mark.parametrize('into', ['base_model', 'init_av'])
+def test_an_out_dir_that_is_an_input_folder_is_refused(tiny_dir, tiny_data, sft_runs, tmp_path, into):
+    """A model folder's config.json would be replaced by the run's; rl would write over the weights it starts from."""
+    model, both = tmp_path / 'model', tmp_path / 'both'
+    shutil.copytree(tiny_dir['llama'], model)
+    both.mkdir()
+    shutil.copy(os.path.join(sft_runs['av'], 'av.safetensors'), both)
+    shutil.copy(os.path.join(sft_runs['ar'], 'ar.safetensors'), both)
+    before = {p: p.read_bytes() for p in [*model.iterdir(), *both.iterdir()]}
+    out = model if into == 'base_model' else both
+    p = run_script('train.py', 'config/tiny.py', f'--base_model={model}', f'--data_dir={tiny_data}', *RL_ARGS, '--max_steps=1',
+                   f'--init_av={both}', f'--init_ar={both}', f'--out_dir={out}', ok=False)
+    assert p.stderr.strip().splitlines()[-1] == f"train: out_dir '{out}' is the {into} folder: the run would write over what it reads; choose another out_dir"
+    assert before == {p: p.read_bytes() for p in [*model.iterdir(), *both.iterdir()]}
+
+
 def test_refuses_an_out_dir_with_a_log_but_no_checkpoint(tiny_dir, tiny_data, sft_runs, tmp_path):
     """A run that died before its first checkpoint left log.jsonl; a new run would have appended to it."""
     shutil.copy(os.path.join(sft_runs['ar'], 'log.jsonl'), tmp_path)
@@ -351,6 +367,19 @@ def test_a_checkpoint_cut_by_a_crash_stops_a_resume_in_one_line(tiny_dir, tiny_d
     (run / 'ckpt.pt').write_bytes(data[:len(data) // 2])
     p = run_script('train.py', *base_args(tiny_dir, tiny_data), '--stage=sft_ar', f'--out_dir={run}', '--resume=True', ok=False)
     assert 'cannot be read (cut short by a crash?)' in p.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize('line', ['\0\0\0\0\n', '{"stage": "eval"}\n'])  # what a power cut may leave; a record with no step
+def test_a_damaged_log_line_stops_a_resume_in_one_line(tiny_dir, tiny_data, sft_runs, tmp_path, line):
+    run = tmp_path / 'run'
+    shutil.copytree(sft_runs['ar'], run)
+    with open(run / 'log.jsonl', 'a') as f:
+        f.write(line)
+    before = (run / 'log.jsonl').read_bytes()
+    p = run_script('train.py', *base_args(tiny_dir, tiny_data), '--stage=sft_ar', f'--out_dir={run}', '--resume=True',
+                   '--max_steps=300', '--ar_lr=2e-3', '--eval_interval=100', '--eval_rows=160', ok=False)
+    assert p.stderr.strip().splitlines()[-1] == f"train: {run / 'log.jsonl'} holds a line that is not a log record (damaged, or edited?): delete it, then resume"
+    assert (run / 'log.jsonl').read_bytes() == before
 
 
 @pytest.mark.parametrize('meta_edit, val, message', [
