@@ -176,7 +176,7 @@ def read_corpus(path, group_column='', max_docs=0):
         fail(f"corpus '{path}' has no documents")
     if len(keep) < len(docs):
         print(f"corpus: {len(docs) - len(keep)} empty or null texts skipped", file=sys.stderr)
-    missing = [i for i in keep if groups[i] is None]
+    missing = [i for i in keep if groups[i] is None or groups[i] != groups[i]]  # NaN: pandas' missing value
     if missing:
         fail(f"corpus '{path}': document {missing[0]} has no '{group_column}' (group_column; {len(missing)} such)")
     rows = list(first.values())

@@ -646,7 +646,8 @@ def read_data_meta(data_dir, base_model, tokenizer):
     if not isinstance(meta['marker'], str) or tokenizer.encode(meta['marker'], add_special_tokens=False) != [meta['marker_id']]:
         problems.append(f"marker {meta['marker']!r} is not token {meta['marker_id']} in this tokenizer")
     if problems:
-        raise ValueError(f"data {data_dir} was made for {meta['base_model']}, not {base_model}: " + "; ".join(problems))
+        made = f" (it was made for {meta['base_model']})" if meta['base_model'] != base_model else ''
+        raise ValueError(f"data {data_dir} does not fit base_model {base_model}{made}: " + "; ".join(problems))
     return meta
 
 

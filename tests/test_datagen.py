@@ -375,9 +375,11 @@ def test_documents_that_open_alike_go_to_one_split(tiny_dir, tmp_path, monkeypat
     ('c.parquet', parquet_bytes(pa.table({'text': synthetic_docs(5)})), "has no 'source' column (group_column"),
     ('c.parquet', parquet_bytes(pa.table({'text': synthetic_docs(3), 'source': ['a', None, 'b']})),
      "document 1 has no 'source' (group_column; 1 such)"),
+    ('c.parquet', parquet_bytes(pa.table({'text': synthetic_docs(3), 'source': [1.0, float('nan'), float('nan')]})),
+     "document 1 has no 'source' (group_column; 2 such)"),  # NaN, as pandas writes a missing number: not one group
     ('c.jsonl', b'{"text": "a b", "source": "x"}\n{"text": "c d"}\n', "line 2 is not a JSON object with a 'text' key and a 'source' key"),
     ('c.txt', b'a b\n\nc d', "is a .txt, which has no columns: group_column must be ''"),
-], ids=['parquet no column', 'parquet null group', 'jsonl no key', 'txt'])
+], ids=['parquet no column', 'parquet null group', 'parquet NaN group', 'jsonl no key', 'txt'])
 def test_group_column_the_corpus_lacks_is_one_line(tiny_dir, tmp_path, monkeypatch, name, content, message):
     corpus = tmp_path / name
     corpus.write_bytes(content)
@@ -868,6 +870,12 @@ def test_read_data_meta_refuses(tiny_dir, tiny_data, tmp_path, meta_edit, messag
     data = broken_copy(tiny_data, tmp_path, meta_edit)
     with pytest.raises(ValueError, match=re.escape(message)):
         nla.read_data_meta(data, tiny_dir['llama'], nla.load_tokenizer(tiny_dir['llama']))
+
+
+def test_data_of_another_model_names_both(tiny_dir, tiny_data):
+    with pytest.raises(ValueError, match=re.escape(f"does not fit base_model {tiny_dir['qwen3']} (it was made for {tiny_dir['llama']}): "
+                                                   "model_type 'llama' vs the model's 'qwen3'")):
+        nla.read_data_meta(tiny_data, tiny_dir['qwen3'], nla.load_tokenizer(tiny_dir['qwen3']))
 
 
 @pytest.mark.parametrize('val, message', [

@@ -385,7 +385,7 @@ def test_a_damaged_log_line_stops_a_resume_in_one_line(tiny_dir, tiny_data, sft_
 @pytest.mark.parametrize('meta_edit, val, message', [
     (lambda m: json.dumps(m)[:40], None, 'is not JSON (cut short?)'),
     (None, zero_first_activation, 'row 0 has a NaN, inf or all-zero activation'),
-    (lambda m: json.dumps({**m, 'model_type': 'qwen3'}), None, "was made for"),
+    (lambda m: json.dumps({**m, 'model_type': 'qwen3'}), None, "does not fit base_model"),
     (None, lambda t: t.slice(1), 'its files are not those its meta.json was written with'),  # a readable split, but not this data's
 ])
 def test_refuses_bad_data_in_one_line_before_writing(tiny_dir, tiny_data, tmp_path, meta_edit, val, message):
