@@ -45,10 +45,10 @@ def _check(key, value, config, where):
 
 def _sets_nothing(node):
     """A config file's statement that Python runs without a word and that sets nothing: YAML's `key: value` (an
-    annotation) or a bare value (a JSON file is one dict). A docstring and a call are left alone."""
+    annotation) or a bare value (a JSON file is one dict). A docstring, a call and `(key := value)` are left alone."""
     if isinstance(node, ast.AnnAssign):
         return node.value is None
-    return isinstance(node, ast.Expr) and not isinstance(node.value, ast.Call) and not (
+    return isinstance(node, ast.Expr) and not isinstance(node.value, (ast.Call, ast.NamedExpr)) and not (
         isinstance(node.value, ast.Constant) and isinstance(node.value.value, str))
 
 

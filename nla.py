@@ -92,14 +92,17 @@ def load_tokenizer(name):
 
 def model_signature(name, tokenizer):
     """What data and weights record of the model they were made with, so that another one is refused. The tokenizer
-    must give no id past the embedding (one grown by added tokens, the model not resized, would fail mid-forward)."""
+    must give no id past the embedding from text or padding (tokens added, the model not resized, would fail mid-forward);
+    an added special token may lie past it (Gemma 3's image token): encode_text reads its spelling as text."""
     try:
         cfg = AutoConfig.from_pretrained(name).get_text_config()
     except (OSError, ValueError) as e:
         raise ValueError(f"base_model '{name}': its config cannot be loaded: {' '.join(str(e).split())}") from None
     rows = getattr(cfg, 'vocab_size', None)
-    if rows and len(tokenizer) > rows:
-        raise ValueError(f"base_model '{name}': its tokenizer has {len(tokenizer)} tokens but its embedding {rows} rows "
+    reached = max(tokenizer.vocab_size - 1, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                  *(i for i, token in tokenizer.added_tokens_decoder.items() if not token.special))
+    if rows and reached >= rows:
+        raise ValueError(f"base_model '{name}': its tokenizer gives token {reached}, past its embedding's {rows} rows "
                          "(tokens added, the model not resized?)")
     return {'model_type': cfg.model_type, 'n_layers': cfg.num_hidden_layers, 'd_model': cfg.hidden_size}
 

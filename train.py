@@ -559,8 +559,9 @@ def load_checkpoint(run):
         ckpt = torch.load(path, map_location='cpu', weights_only=False)
     except (RuntimeError, EOFError, pickle.UnpicklingError):
         fail(f"{path} cannot be read (cut short by a crash?): resume from a copy, or start again")
-    if {'data_id', 'av_frozen', 'built'} - ckpt.keys():
-        fail(f"{path} was written by an older train.py, which did not record its data and init: start the run again")
+    missing = sorted({'data_id', 'av_frozen', 'built'} - ckpt.keys())
+    if missing:
+        fail(f"{path} was written by an older train.py (it has no {', '.join(missing)}): start the run again")
     if ckpt['data_id'] != run.meta['data_id']:
         fail(f"{path} was made on data {ckpt['data_id']}, but {data_dir} now holds data {run.meta['data_id']} "
              "(made again by datagen.py with other settings?): resume on the data the run started on, or start again")
@@ -591,10 +592,10 @@ def load_checkpoint(run):
         torch.cuda.set_rng_state_all(ckpt['rng']['cuda'][:torch.cuda.device_count()])  # torchrun shows every rank all GPUs
     log_path = os.path.join(out_dir, 'log.jsonl')
     if master_process and os.path.isfile(log_path):  # steps logged after the checkpoint are run and logged again
-        with open(log_path) as f:
-            # a last line cut by a crash has no newline: dropped, as are the steps and the eval that will run again
-            lines = [line for line in f if line.endswith('\n')]
-        try:
+        try:  # UnicodeDecodeError is a ValueError
+            with open(log_path) as f:
+                # a last line cut by a crash has no newline: dropped, as are the steps and the eval that will run again
+                lines = [line for line in f if line.endswith('\n')]
             records = [json.loads(line) for line in lines]
             lines = [line for line, r in zip(lines, records) if r['step'] <= (run.eval_step if r['stage'] == 'eval' else run.step)]
         except (ValueError, KeyError, TypeError):
@@ -906,7 +907,7 @@ def check_config():
         if globals()[name]:
             fail(f"stage '{stage}' does not use {name} (given {globals()[name]!r}): leave it out")
     checked(nla.check_out_dir, out_dir)
-    for name in ('base_model', 'data_dir', 'init_av', 'init_ar', 'context_ar'):  # a model's config.json, say, would be lost
+    for name in ('base_model', 'init_av', 'init_ar', 'context_ar'):  # a model's config.json, say, would be lost
         if globals()[name] and os.path.isdir(globals()[name]) and os.path.isdir(out_dir) and os.path.samefile(globals()[name], out_dir):
             fail(f"out_dir '{out_dir}' is the {name} folder: the run would write over what it reads; choose another out_dir")
     lock = lock_out_dir() if master_process and os.path.isdir(out_dir) else None  # before its files are judged

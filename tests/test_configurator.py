@@ -104,8 +104,9 @@ def test_a_config_file_line_that_sets_nothing_is_refused(tmp_path, text, line):
 
 def test_a_config_file_may_call_and_annotate(tmp_path):
     cfg = tmp_path / 'c.py'
-    cfg.write_text('"""notes"""\nprint("loading")\nsteps: int = 7\n')
-    assert configurator.configure(defaults(), [str(cfg)])['steps'] == 7
+    cfg.write_text('"""notes"""\nprint("loading")\nsteps: int = 7\n(lr := 0.5)\n')
+    config = configurator.configure(defaults(), [str(cfg)])
+    assert config['steps'] == 7 and config['lr'] == 0.5
 
 
 @pytest.mark.parametrize('value', ['None', '__import__("numpy").int64(3)'])

@@ -376,7 +376,7 @@ def test_documents_that_open_alike_go_to_one_split(tiny_dir, tmp_path, monkeypat
     ('c.parquet', parquet_bytes(pa.table({'text': synthetic_docs(3), 'source': ['a', None, 'b']})),
      "document 1 has no 'source' (group_column; 1 such)"),
     ('c.parquet', parquet_bytes(pa.table({'text': synthetic_docs(3), 'source': [1.0, float('nan'), float('nan')]})),
-     "document 1 has no 'source' (group_column; 2 such)"),  # NaN, as pandas writes a missing number: not one group
+     "document 1 has no 'source' (group_column; 2 such)"),  # NaN, as numpy or polars may give a missing number: not one group
     ('c.jsonl', b'{"text": "a b", "source": "x"}\n{"text": "c d"}\n', "line 2 is not a JSON object with a 'text' key and a 'source' key"),
     ('c.txt', b'a b\n\nc d', "is a .txt, which has no columns: group_column must be ''"),
 ], ids=['parquet no column', 'parquet null group', 'parquet NaN group', 'jsonl no key', 'txt'])

@@ -337,17 +337,16 @@ def test_a_second_run_on_an_out_dir_in_use_is_refused(tiny_dir, tiny_data, tmp_p
 @pytest.mark.parametrize('into', ['base_model', 'init_av'])
 def test_an_out_dir_that_is_an_input_folder_is_refused(tiny_dir, tiny_data, sft_runs, tmp_path, into):
     """A model folder's config.json would be replaced by the run's; rl would write over the weights it starts from."""
-    model, both = tmp_path / 'model', tmp_path / 'both'
+    model, av = tmp_path / 'model', tmp_path / 'av'
     shutil.copytree(tiny_dir['llama'], model)
-    both.mkdir()
-    shutil.copy(os.path.join(sft_runs['av'], 'av.safetensors'), both)
-    shutil.copy(os.path.join(sft_runs['ar'], 'ar.safetensors'), both)
-    before = {p: p.read_bytes() for p in [*model.iterdir(), *both.iterdir()]}
-    out = model if into == 'base_model' else both
+    av.mkdir()
+    shutil.copy(os.path.join(sft_runs['av'], 'av.safetensors'), av)
+    before = {p: p.read_bytes() for p in [*model.iterdir(), *av.iterdir()]}
+    out = model if into == 'base_model' else av
     p = run_script('train.py', 'config/tiny.py', f'--base_model={model}', f'--data_dir={tiny_data}', *RL_ARGS, '--max_steps=1',
-                   f'--init_av={both}', f'--init_ar={both}', f'--out_dir={out}', ok=False)
+                   f'--init_av={av}', f'--init_ar={sft_runs["ar"]}', f'--out_dir={out}', ok=False)
     assert p.stderr.strip().splitlines()[-1] == f"train: out_dir '{out}' is the {into} folder: the run would write over what it reads; choose another out_dir"
-    assert before == {p: p.read_bytes() for p in [*model.iterdir(), *both.iterdir()]}
+    assert before == {p: p.read_bytes() for p in [*model.iterdir(), *av.iterdir()]}
 
 
 def test_refuses_an_out_dir_with_a_log_but_no_checkpoint(tiny_dir, tiny_data, sft_runs, tmp_path):
@@ -360,6 +359,16 @@ def test_refuses_an_out_dir_with_a_log_but_no_checkpoint(tiny_dir, tiny_data, sf
     assert sorted(os.listdir(tmp_path)) == ['log.jsonl']
 
 
+def test_a_checkpoint_of_an_older_train_py_names_what_it_lacks(tiny_dir, tiny_data, sft_runs, tmp_path):
+    run = tmp_path / 'run'
+    shutil.copytree(sft_runs['ar'], run)
+    ckpt = torch.load(run / 'ckpt.pt', weights_only=False)
+    del ckpt['built']
+    torch.save(ckpt, run / 'ckpt.pt')
+    p = run_script('train.py', *base_args(tiny_dir, tiny_data), '--stage=sft_ar', f'--out_dir={run}', '--resume=True', ok=False)
+    assert p.stderr.strip().splitlines()[-1] == f"train: {run / 'ckpt.pt'} was written by an older train.py (it has no built): start the run again"
+
+
 def test_a_checkpoint_cut_by_a_crash_stops_a_resume_in_one_line(tiny_dir, tiny_data, sft_runs, tmp_path):
     run = tmp_path / 'run'
     shutil.copytree(sft_runs['ar'], run)
@@ -369,11 +378,11 @@ def test_a_checkpoint_cut_by_a_crash_stops_a_resume_in_one_line(tiny_dir, tiny_d
     assert 'cannot be read (cut short by a crash?)' in p.stderr.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize('line', ['\0\0\0\0\n', '{"stage": "eval"}\n'])  # what a power cut may leave; a record with no step
+@pytest.mark.parametrize('line', [b'\0\0\0\0\n', b'\xff\xfe\n', b'{"stage": "eval"}\n'])  # a power cut's; not UTF-8; no step
 def test_a_damaged_log_line_stops_a_resume_in_one_line(tiny_dir, tiny_data, sft_runs, tmp_path, line):
     run = tmp_path / 'run'
     shutil.copytree(sft_runs['ar'], run)
-    with open(run / 'log.jsonl', 'a') as f:
+    with open(run / 'log.jsonl', 'ab') as f:
         f.write(line)
     before = (run / 'log.jsonl').read_bytes()
     p = run_script('train.py', *base_args(tiny_dir, tiny_data), '--stage=sft_ar', f'--out_dir={run}', '--resume=True',
