@@ -311,7 +311,8 @@ def test_refuses_an_av_and_an_ar_of_other_steps_in_one_folder(tiny_dir, tiny_dat
                                            ('eval', 'choose another out_dir')])  # an eval has nothing to resume
 def test_refuses_another_runs_out_dir(tiny_dir, tiny_data, sft_runs, stage, advice):
     inits = [f'--init_av={sft_runs["av"]}', f'--init_ar={sft_runs["ar"]}'] if stage == 'eval' else []
-    p = run_script('train.py', *base_args(tiny_dir, tiny_data), f'--stage={stage}', f'--out_dir={sft_runs["ar"]}', *inits, ok=False)
+    out = sft_runs['ar_context'] if stage == 'eval' else sft_runs['ar']  # an eval's out_dir that is not one of its inits
+    p = run_script('train.py', *base_args(tiny_dir, tiny_data), f'--stage={stage}', f'--out_dir={out}', *inits, ok=False)
     assert p.stderr.strip().splitlines()[-1].endswith(f"holds another run's ckpt.pt: {advice}")
 
 
