@@ -563,20 +563,22 @@ def test_nan_activations_stop_datagen(tiny_dir, tmp_path, monkeypatch):
     nla.load_tokenizer(tiny_dir['llama']).save_pretrained(tmp_path / 'nan_model')
     last = refusal(monkeypatch, f'--base_model={tmp_path / "nan_model"}', f'--corpus={tiny_dir["corpus"]}',
                    f'--out_dir={tmp_path / "out"}')
-    assert 'NaN or inf' in last and not (tmp_path / 'out' / 'meta.json').exists()
+    assert 'NaN, inf or all zero' in last and not (tmp_path / 'out' / 'meta.json').exists()
 
 
-def test_nan_activations_name_the_first_row(tiny_dir, tmp_path, monkeypatch):
-    """Rows 7 and 12 NaN: row 7 is the second document's fourth position (config/datagen_tiny.py: 4 per document)."""
+@pytest.mark.parametrize('value', [float('nan'), 0.0])  # an all-zero row has no direction to inject
+def test_nan_or_zero_activations_name_the_first_row(tiny_dir, tmp_path, monkeypatch, value):
+    """Rows 7 and 12 bad: row 7 is the second document's fourth position (config/datagen_tiny.py: 4 per document)."""
     forward, drawn = datagen.activations, []
+
     def activations(backbone, docs_ids, doc_positions, *args):
         acts = forward(backbone, docs_ids, doc_positions, *args)
-        acts[[7, 12]] = float('nan')
+        acts[[7, 12]] = value
         drawn.append(doc_positions[1][3])
         return acts
     monkeypatch.setattr(datagen, 'activations', activations)
     last = refusal(monkeypatch, f'--base_model={tiny_dir["llama"]}', f'--corpus={tiny_dir["corpus"]}', f'--out_dir={tmp_path / "out"}')
-    assert f'2 activations are NaN or inf, the first at row 7 (doc_id 1, position {drawn[0]})' in last
+    assert f'2 activations are NaN, inf or all zero, the first at row 7 (doc_id 1, position {drawn[0]})' in last
 
 
 class FakeTeacher(http.server.BaseHTTPRequestHandler):
