@@ -453,7 +453,7 @@ def main(config):
     acts = activations(backbone, docs_ids, doc_positions, tokenizer.pad_token_id, batch_size, run_device)
     rows = [(doc_id, p, s) for doc_id, positions in zip(kept, doc_positions) for p in positions
             for s in [doc_split[doc_id]]]
-    bad = np.flatnonzero(~np.isfinite(acts).all(1) | (acts == 0).all(1))  # what read_split refuses: h/|h| has no direction
+    bad = nla.unusable_rows(acts)  # what read_split refuses
     if len(bad):
         doc_id, p, _ = rows[bad[0]]
         fail(f"{len(bad)} activations are NaN, inf or all zero, the first at row {bad[0]} (doc_id {doc_id}, position {p}); "

@@ -574,6 +574,11 @@ def check_out_dir(path):
         raise ValueError(f"out_dir '{path}' cannot be made or written: no write permission in '{parent}'")
 
 
+def unusable_rows(acts):
+    """Indices of the rows of a (rows, d) array that no stage can use: NaN, inf, or all zero (h/|h| has no direction)."""
+    return np.flatnonzero(~np.isfinite(acts).all(1) | (acts == 0).all(1))
+
+
 def write_data(out_dir, tables, meta):
     """Each split's table as out_dir/{split}.parquet, and meta.json with a data_id: a hash of the parquets and of
     meta but its `config` (which names out_dir), so a run can tell when its data changed. Every file goes to a
@@ -674,10 +679,11 @@ def read_split(data_dir, split, d_model):
     values = acts.flatten()
     if values.null_count:
         raise ValueError(f"{path}: column activation has {values.null_count} null values inside its rows")
-    acts = torch.from_numpy(values.to_numpy().reshape(-1, d_model).copy())
-    bad = torch.nonzero(~torch.isfinite(acts).all(1) | (acts == 0).all(1)).flatten()
+    acts = values.to_numpy().reshape(-1, d_model)
+    bad = unusable_rows(acts)
     if len(bad):
-        raise ValueError(f"{path}: row {bad[0].item()} has a NaN, inf or all-zero activation")
+        raise ValueError(f"{path}: row {bad[0]} has a NaN, inf or all-zero activation")
+    acts = torch.from_numpy(acts.copy())
     for name in ('context', 'explanation'):
         if not pa.types.is_string(table.column(name).type) and not pa.types.is_large_string(table.column(name).type):
             raise ValueError(f"{path}: column {name} must hold text, got {table.column(name).type}")
