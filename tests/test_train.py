@@ -102,8 +102,11 @@ def test_ctrl_c_ends_the_step_under_way_saves_it_and_a_resume_goes_on(tiny_dir, 
     common = [*base_args(tiny_dir, tiny_data), *RL_ARGS, f'--init_av={sft_runs["av"]}', f'--init_ar={sft_runs["ar"]}',
               f'--out_dir={out}', '--eval_interval=1000', '--ckpt_interval=1000']
     with open(tmp_path / 'stderr', 'w') as err:
+        # SIGINT as a terminal would leave it: a suite run as a background job (`pytest &` in a script) passes it on
+        # ignored, and train.py keeps an ignored Ctrl-C ignored
         p = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), *common, '--max_steps=1000'], cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+                             stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             wait_for_a_step(p, out, 'rl')
             p.send_signal(signal.SIGINT)
