@@ -931,6 +931,9 @@ def main(config):
             torch.cuda.set_device(dev)
         dist.init_process_group('nccl' if dev.startswith('cuda') else 'gloo')
         dist.barrier()  # every rank has checked out_dir before rank 0 writes to it
+    # SDPA's cuDNN kernel (its first choice on an H100) can give NaN gradients when a padding mask is passed, as for
+    # the AV's responses and the AR's texts (pytorch/pytorch#196678, torch 2.11 on): SDPA then picks another kernel
+    torch.backends.cuda.enable_cudnn_sdp(False)
     if master_process:
         print(json.dumps(config))
     tokenizer = checked(nla.load_tokenizer, base_model)
