@@ -256,6 +256,13 @@ def optimizer_step(params, opt, lr_now):
     return float(norm), ok
 
 
+def clock(dev):
+    """time.time() once the device has run the work queued so far, so that each part of a step is billed its own."""
+    if torch.device(dev).type == 'cuda':
+        torch.cuda.synchronize(dev)
+    return time.time()
+
+
 def decode(tokenizer, ids, lengths):
     return tokenizer.batch_decode([r[:n] for r, n in zip(ids.tolist(), lengths.tolist())], skip_special_tokens=True)
 
@@ -781,7 +788,7 @@ def rl(run):
     pad_id = tok.pad_token_id
 
     def update(step):
-        t0 = time.time()
+        t0 = clock(dev)
         idx, run.cursor = take_rows(run.cursor, batch_prompts, len(data['acts']))
         rows = rank_slice(idx)
         acts = data['acts'][rows].to(dev)
@@ -792,12 +799,12 @@ def rl(run):
         T = int(lengths.max())
         ids, mask = ids[:, :T], mask[:, :T]
         texts = decode(tok, ids, lengths)
-        t_gen = time.time()
+        t_gen = clock(dev)
         acts = acts.repeat_interleave(group_size, 0)  # (N, d)
         run.ar.eval()
         rewards, valid, explanations, preds = score(run.ar, tok, texts, truncated, lengths, acts, dev)
         adv = advantages(rewards, group_size)
-        t_score = time.time()
+        t_score = clock(dev)
 
         n_global = len(texts) * ddp_world_size
         kl, entropy = torch.zeros(len(texts), device=dev), torch.zeros(len(texts), device=dev)
@@ -820,12 +827,12 @@ def rl(run):
         av_norm, av_ok = optimizer_step(trainable(run.av), run.av_opt, lr_now)
         if run.engine is not None:
             push_weights(run.engine, run.av)
-        t_av = time.time()
+        t_av = clock(dev)
 
         vi = torch.nonzero(valid).flatten().tolist()
         ar_lr_now = lr_at(step, ar_lr, max_steps)
         ar_loss, ar_norm, ar_ok = ar_step(run.ar, tok, [explanations[i] for i in vi], acts[vi], run.ar_opt, ar_lr_now, dev)
-        t_ar = time.time()
+        t_ar = clock(dev)
 
         # every logged number is over the global batch: local sums, summed over ranks, then divided
         err_sum, u_sum, n_valid = nla.fve_stats(preds, acts[vi])
