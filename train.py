@@ -36,7 +36,7 @@ import torch.distributed as dist
 # argument: the gloo group and its threads then outlive destroy_process_group, and a rank may abort at exit
 import torch.distributed.nn  # noqa: F401
 from safetensors.torch import load_file
-from transformers import GenerationConfig
+from transformers import GenerationConfig, StaticCache
 
 import configurator
 import nla
@@ -176,8 +176,7 @@ def build_av(init, data_meta, tokenizer, dev):
     frozen = checked(nla.load_av, av, path) if init else []
     av.generation_config = GenerationConfig(  # ours alone: no sampling defaults of the model's leak in
         do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
-        eos_token_id=nla.end_token_ids(av, tokenizer), pad_token_id=tokenizer.pad_token_id,
-        cache_implementation=None if gen_cache == 'dynamic' else gen_cache)
+        eos_token_id=nla.end_token_ids(av, tokenizer), pad_token_id=tokenizer.pad_token_id)
     if gradient_checkpointing:
         av.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
     return av, frozen, meta
@@ -302,10 +301,25 @@ def rollouts(av, prompt_embeds, n_per_prompt, end_ids, pad_id, seed_key, first_r
     chunks = []
     for i in range(0, x.shape[0], gen_batch_size):
         torch.manual_seed(sample_seed(seed_key, first_row + i))
-        out = av.generate(inputs_embeds=x[i:i + gen_batch_size], attention_mask=attn[i:i + gen_batch_size])
+        chunk = x[i:i + gen_batch_size]
+        out = av.generate(inputs_embeds=chunk, attention_mask=attn[i:i + gen_batch_size], **kv_cache(av, chunk.shape[:2]))
         chunks.append(torch.nn.functional.pad(out, (0, max_new_tokens - out.shape[1]), value=pad_id))
     ids = torch.cat(chunks)  # (N, T)
     return (ids, *response_mask(ids, end_ids))
+
+
+def kv_cache(av, shape):
+    """generate's KV cache argument for prompts of `shape` (batch, length): none for gen_cache='dynamic' (generate makes
+    one), else a fixed-size cache made once per shape and emptied before each use. One made anew at every call (as
+    cache_implementation='static' does) lies at new addresses, so on a GPU the CUDA graph of the compiled decode step
+    would be recorded again at every call, and torch 2.11 stops using it after 128 of these."""
+    if gen_cache == 'dynamic':
+        return {}
+    caches = av.__dict__.setdefault('static_caches', {})  # kept with the model they were made for
+    if shape not in caches:
+        caches[shape] = StaticCache(config=av.config, max_cache_len=shape[1] + max_new_tokens)
+    caches[shape].reset()
+    return {'past_key_values': caches[shape]}  # transformers 5.24 renames it `cache`, and warns once of this name until 6.0
 
 
 def response_mask(ids, end_ids):

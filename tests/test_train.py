@@ -742,14 +742,16 @@ def test_response_mask_keeps_the_end_token_and_ignores_what_follows():
     assert lengths.tolist() == [2, 4, 1] and truncated.tolist() == [False, True, False]
 
 
-def test_static_cache_draws_the_same_rollouts(tiny_dir, monkeypatch):
-    """gen_cache='static' (the fast path on a GPU) samples exactly what the dynamic cache samples."""
-    monkeypatch.setattr(train, 'base_model', tiny_dir['llama'])
+@pytest.mark.parametrize('family', ['llama', 'gemma3'])  # gemma3: sliding-window layers, whose static cache is a ring
+def test_static_cache_draws_the_same_rollouts_and_is_made_once(tiny_dir, family, monkeypatch):
+    """gen_cache='static' (the fast path on a GPU) samples exactly what the dynamic cache samples, call after call, from
+    one cache made at the first call (a cache at the same addresses keeps a GPU's recorded decode graph valid)."""
+    monkeypatch.setattr(train, 'base_model', tiny_dir[family])
     monkeypatch.setattr(train, 'dtype', 'float32')
     monkeypatch.setattr(train, 'max_new_tokens', 16)
-    tok = nla.load_tokenizer(tiny_dir['llama'])
+    tok = nla.load_tokenizer(tiny_dir[family])
     ids, pos = nla.av_prompt(tok, '@')
-    built = []  # the StaticCaches generate makes: the static run must really use one
+    built = []  # the StaticCaches made: the static run must really use one
     static_init = transformers.StaticCache.__init__
     monkeypatch.setattr(transformers.StaticCache, '__init__', lambda self, *a, **k: built.append(1) or static_init(self, *a, **k))
     out, caches = {}, {}
@@ -758,8 +760,10 @@ def test_static_cache_draws_the_same_rollouts(tiny_dir, monkeypatch):
         torch.manual_seed(0)
         av, _, _ = train.build_av('', {}, tok, 'cpu')
         x = nla.inject(av, ids, pos, torch.randn(4, 64), 2.0)
-        out[cache] = train.rollouts(av, x, 2, nla.end_token_ids(av, tok), tok.pad_token_id, (0, 0), 0)
+        out[cache] = [train.rollouts(av, x, 2, nla.end_token_ids(av, tok), tok.pad_token_id, (0, step), 0) for step in range(3)]
         caches[cache], built[:] = len(built), []
-    assert caches['dynamic'] == 0 and caches['static'] > 0, caches
-    assert all(torch.equal(a, b) for a, b in zip(out['dynamic'], out['static']))
-    assert out['static'][0].shape == (8, 16)
+    assert caches == {'dynamic': 0, 'static': 1}, caches
+    for dynamic, static in zip(out['dynamic'], out['static']):
+        assert all(torch.equal(a, b) for a, b in zip(dynamic, static))
+    assert not torch.equal(out['static'][0][0], out['static'][1][0])  # other seeds: other samples
+    assert out['static'][0][0].shape == (8, 16)
