@@ -80,7 +80,7 @@ batch_prompts = 32  # activations per GRPO step, over all ranks
 group_size = 8  # rollouts per activation: 32 * 8 = 256 rollouts per step
 max_new_tokens = 128
 length_slack = 16  # the length penalty starts at max_new_tokens - length_slack tokens
-length_penalty = 0.01  # reward lost per token past that
+length_penalty = 0.01  # reward lost per token past that (in the reward's units)
 kl_coef = 0.05
 logratio_clamp = 10.0  # |log pi_ref - log pi| is clamped before k3
 temperature = 1.0  # the loss assumes sampling from the true policy: keep 1.0 / 1.0 / 0
@@ -416,8 +416,9 @@ def vllm_rollouts(engine, prompt_embeds, n_per_prompt, end_ids, pad_id, seed_key
 
 @torch.no_grad()
 def score(ar, tokenizer, texts, truncated, lengths, acts, dev):
-    """Rewards (N,) from the AR as it is now: -mse of its reconstruction, FAIL_REWARD for a missing
-    explanation or a truncated rollout, and a hinge penalty on length past max_new_tokens - length_slack.
+    """Rewards (N,) from the AR as it is now: nla.reward (-mse) of its reconstruction, nla.FAIL_REWARD for a missing
+    explanation or a truncated rollout, and a hinge penalty on length past max_new_tokens - length_slack, where `lengths`
+    counts each response's tokens through its end token (tags and any text outside them included).
     Also returns the valid mask, the extracted explanations and the predictions of the valid rows."""
     explanations = [nla.extract_explanation(t) for t in texts]
     valid = torch.tensor([e is not None and not t for e, t in zip(explanations, truncated.tolist())], device=dev)
@@ -591,6 +592,9 @@ def load_checkpoint(run):
         fail(f"{path}: the adapters of init_av={init_av} (frozen under the live one, the KL reference in rl) "
              "are not those the run started from (trained again?): resume from the same init_av, or start again")
     saved = ckpt['config']
+    added = sorted(k for k in set(run.config) - set(saved) if k not in RESUMABLE)
+    if added:  # the code the run began with may not have done what the new setting's default does
+        fail(f"{path} was made by a train.py without the setting(s) {', '.join(added)}: start the run again")
     changed = sorted(k for k in set(saved) | set(run.config) if k not in RESUMABLE and saved.get(k) != run.config.get(k))
     if changed:
         fail(f"{path} was made with {', '.join(f'{k}={saved.get(k)!r}' for k in changed)}: "
