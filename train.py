@@ -302,17 +302,18 @@ def rollouts(av, prompt_embeds, n_per_prompt, end_ids, pad_id, seed_key, first_r
     for i in range(0, x.shape[0], gen_batch_size):
         torch.manual_seed(sample_seed(seed_key, first_row + i))
         chunk = x[i:i + gen_batch_size]
-        out = av.generate(inputs_embeds=chunk, attention_mask=attn[i:i + gen_batch_size], **kv_cache(av, chunk.shape[:2]))
+        out = av.generate(inputs_embeds=chunk, attention_mask=attn[i:i + gen_batch_size], **cache_kwargs(av, chunk.shape[:2]))
         chunks.append(torch.nn.functional.pad(out, (0, max_new_tokens - out.shape[1]), value=pad_id))
     ids = torch.cat(chunks)  # (N, T)
     return (ids, *response_mask(ids, end_ids))
 
 
-def kv_cache(av, shape):
+def cache_kwargs(av, shape):
     """generate's KV cache argument for prompts of `shape` (batch, length): none for gen_cache='dynamic' (generate makes
-    one), else a fixed-size cache made once per shape and emptied before each use. One made anew at every call (as
-    cache_implementation='static' does) lies at new addresses, so on a GPU the CUDA graph of the compiled decode step
-    would be recorded again at every call, and torch 2.11 stops using it after 128 of these."""
+    one), else a fixed-size cache made once per shape, kept for the run and emptied before each use. One made anew at
+    every call (as cache_implementation='static' does) lies at new addresses, so on a GPU the CUDA graph of the compiled
+    decode step would be recorded again at every call (torch 2.11: at every call; from 2.13, after 128 such recordings
+    the graph is dropped and the step runs without one)."""
     if gen_cache == 'dynamic':
         return {}
     caches = av.__dict__.setdefault('static_caches', {})  # kept with the model they were made for
@@ -956,8 +957,9 @@ def main(config):
             torch.cuda.set_device(dev)
         dist.init_process_group('nccl' if dev.startswith('cuda') else 'gloo')
         dist.barrier()  # every rank has checked out_dir before rank 0 writes to it
-    # SDPA's cuDNN kernel (its first choice on an H100) can give NaN gradients when a padding mask is passed, as for
-    # the AV's responses and the AR's texts (pytorch/pytorch#196678, torch 2.11 on): SDPA then picks another kernel
+    # SDPA's cuDNN kernel (its first choice on an H100 from torch 2.11) gives NaN gradients when a mask is passed, as for
+    # the AV's responses and the AR's padded texts, the length is 64 mod 128 and a row's attention logits are all very
+    # negative (pytorch/pytorch#196678): SDPA then picks another kernel, on every torch, since the fix's is not known here
     torch.backends.cuda.enable_cudnn_sdp(False)
     if master_process:
         print(json.dumps(config))

@@ -102,11 +102,15 @@ def test_ctrl_c_ends_the_step_under_way_saves_it_and_a_resume_goes_on(tiny_dir, 
     common = [*base_args(tiny_dir, tiny_data), *RL_ARGS, f'--init_av={sft_runs["av"]}', f'--init_ar={sft_runs["ar"]}',
               f'--out_dir={out}', '--eval_interval=1000', '--ckpt_interval=1000']
     with open(tmp_path / 'stderr', 'w') as err:
-        # SIGINT as a terminal would leave it: a suite run as a background job (`pytest &` in a script) passes it on
-        # ignored, and train.py keeps an ignored Ctrl-C ignored
-        p = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), *common, '--max_steps=1000'], cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
-                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        # the run starts with Ctrl-C at its default, as from a terminal: a suite run as a background job (`pytest &` in a
+        # script) ignores SIGINT, which a child inherits (train.py keeps an ignored Ctrl-C ignored), but a signal caught
+        # here is reset to the default in the child
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            p = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), *common, '--max_steps=1000'], cwd=ROOT,
+                                 stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        finally:
+            signal.signal(signal.SIGINT, previous)
         try:
             wait_for_a_step(p, out, 'rl')
             p.send_signal(signal.SIGINT)
