@@ -959,7 +959,7 @@ def main(config):
         dist.barrier()  # every rank has checked out_dir before rank 0 writes to it
     # SDPA's cuDNN kernel (its first choice on an H100 from torch 2.11) gives NaN gradients when a mask is passed, as for
     # the AV's responses and the AR's padded texts, the length is 64 mod 128 and a row's attention logits are all very
-    # negative (pytorch/pytorch#196678): SDPA then picks another kernel, on every torch, since the fix's is not known here
+    # negative (pytorch/pytorch#196678): off on every torch (which release fixes it is not known here), SDPA picks another
     torch.backends.cuda.enable_cudnn_sdp(False)
     if master_process:
         print(json.dumps(config))
