@@ -379,7 +379,7 @@ def main(config):
             urllib.parse.urlsplit(api_base_url).port
         except ValueError as e:
             fail(f"api_base_url '{api_base_url}': {e}")
-    written = [os.path.join(out_dir, name) for name in [f"{split}.parquet" for split in nla.SPLITS] + ['meta.json']]
+    written = [nla.split_path(out_dir, split) for split in nla.SPLITS] + [os.path.join(out_dir, 'meta.json')]
     if os.path.isfile(corpus) and any(os.path.isfile(path) and os.path.samefile(corpus, path) for path in written):
         fail(f"corpus '{corpus}' is a file that datagen would write over in out_dir '{out_dir}': choose another out_dir")
     try:  # an out_dir that cannot be made, a bad device, dtype, model, marker or layer fails here, before any work

@@ -579,6 +579,10 @@ def unusable_rows(acts):
     return np.flatnonzero(~np.isfinite(acts).all(1) | (acts == 0).all(1))
 
 
+def split_path(data_dir, split):
+    return os.path.join(data_dir, f"{split}.parquet")
+
+
 def write_data(out_dir, tables, meta):
     """Each split's table as out_dir/{split}.parquet, and meta.json with a data_id: a hash of the parquets and of
     meta but its `config` (which names out_dir), so a run can tell when its data changed. Every file goes to a
@@ -590,14 +594,15 @@ def write_data(out_dir, tables, meta):
     tmp = tempfile.mkdtemp(prefix='.datagen-tmp-', dir=out_dir)  # a name of its own: a folder of the user's is kept
     try:
         for split, table in tables.items():
-            pq.write_table(table, os.path.join(tmp, f"{split}.parquet"))
-        data_id = data_digest(meta, [os.path.join(tmp, f"{split}.parquet") for split in tables])
+            pq.write_table(table, split_path(tmp, split))
+        data_id = data_digest(meta, [split_path(tmp, split) for split in tables])
         with open(os.path.join(tmp, 'meta.json'), 'w') as f:
             json.dump({**meta, 'data_id': data_id}, f, indent=2)
         if os.path.exists(os.path.join(out_dir, 'meta.json')):
             os.remove(os.path.join(out_dir, 'meta.json'))
-        for name in [f"{s}.parquet" for s in tables] + ['meta.json']:
-            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+        for split in tables:
+            os.replace(split_path(tmp, split), split_path(out_dir, split))
+        os.replace(os.path.join(tmp, 'meta.json'), os.path.join(out_dir, 'meta.json'))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return data_id
@@ -618,7 +623,7 @@ def data_digest(meta, paths):
 def check_data_id(data_dir, meta):
     """The four splits in data_dir must be the files meta.json was written with: parquet has no checksums, so a
     damaged page of activations can read as finite numbers, and a split copied from other data reads as well."""
-    paths = [os.path.join(data_dir, f"{split}.parquet") for split in SPLITS]
+    paths = [split_path(data_dir, split) for split in SPLITS]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise ValueError(f"{missing[0]} not found: run datagen.py again")
@@ -661,7 +666,7 @@ def read_data_meta(data_dir, base_model, tokenizer):
 
 def read_split(data_dir, split, d_model):
     """One split: activations (N, d) float32, and the contexts and explanations as lists."""
-    path = os.path.join(data_dir, f"{split}.parquet")
+    path = split_path(data_dir, split)
     if not os.path.isfile(path):
         raise ValueError(f"{path} not found: run datagen.py first")
     try:
