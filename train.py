@@ -596,7 +596,10 @@ def load_checkpoint(run):
     added = sorted(k for k in set(run.config) - set(saved) if k not in RESUMABLE)
     if added:  # the code the run began with may not have done what the new setting's default does
         fail(f"{path} was made by a train.py without the setting(s) {', '.join(added)}: start the run again")
-    changed = sorted(k for k in set(saved) | set(run.config) if k not in RESUMABLE and saved.get(k) != run.config.get(k))
+    removed = sorted(k for k in set(saved) - set(run.config) if k not in RESUMABLE)
+    if removed:  # and this code cannot do what a removed setting's value asked for
+        fail(f"{path} was made with the setting(s) {', '.join(removed)}, which this train.py does not have: start the run again")
+    changed = sorted(k for k in run.config if k not in RESUMABLE and saved[k] != run.config[k])
     if changed:
         fail(f"{path} was made with {', '.join(f'{k}={saved.get(k)!r}' for k in changed)}: "
              f"resume with the same settings (only {', '.join(RESUMABLE[1:])} may change)")

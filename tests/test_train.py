@@ -215,16 +215,21 @@ def test_resume_names_a_changed_setting_before_the_adapters_it_changes(tiny_dir,
     assert 'was made with lora_rank=8: resume with the same settings' in p.stderr.strip().splitlines()[-1]
 
 
-def test_resume_names_a_setting_its_checkpoint_predates(tiny_dir, tiny_data, tmp_path):
+@pytest.mark.parametrize('edit, said', [
+    (lambda config: config.pop('kl_coef'), 'was made by a train.py without the setting(s) kl_coef: start the run again'),
+    (lambda config: config.update(length_bonus=0.1),
+     'was made with the setting(s) length_bonus, which this train.py does not have: start the run again')],
+    ids=['added', 'removed'])
+def test_resume_names_a_setting_that_train_py_added_or_removed_since(edit, said, tiny_dir, tiny_data, tmp_path):
     """A setting added to train.py since the run began (a fork's new reward term, say) is named as such, not as one
-    changed from None."""
+    changed from None; one removed since is named as such, not as one to be given the same value again."""
     args = [*base_args(tiny_dir, tiny_data), '--stage=sft_av', f'--out_dir={tmp_path / "run"}', '--eval_interval=100']
     run_script('train.py', *args, '--max_steps=1')
     ckpt = torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=False)
-    del ckpt['config']['kl_coef']
+    edit(ckpt['config'])
     torch.save(ckpt, tmp_path / 'run' / 'ckpt.pt')
     p = run_script('train.py', *args, '--max_steps=2', '--resume=True', ok=False)
-    assert p.stderr.strip().splitlines()[-1].endswith('ckpt.pt was made by a train.py without the setting(s) kl_coef: start the run again')
+    assert p.stderr.strip().splitlines()[-1].endswith('ckpt.pt ' + said)
 
 
 def test_resuming_a_finished_run_says_there_is_nothing_to_do(tiny_dir, tiny_data, tmp_path):
