@@ -38,7 +38,7 @@ AV_USER = ("Here is an activation vector from inside a language model: {marker}\
 AR_TEMPLATE = "Summary of the following text: <text>{explanation}</text> <summary>"
 FAIL_REWARD = -2.0  # the reward of a rollout with no explanation or that hit the length cap
 SPLITS = ('av_sft', 'ar_sft', 'rl', 'val')  # made of disjoint sets of documents
-IDENTITY = ('model_type', 'n_layers', 'd_model', 'layer')  # data and weights record the model and layer they were made for
+MODEL_AND_LAYER = ('model_type', 'n_layers', 'd_model', 'layer')  # data and weights record the model and layer they were made for
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
 # -----------------------------------------------------------------------------
@@ -530,11 +530,11 @@ def read_meta(path, needs=(), data_meta=None):
             meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
     except (SafetensorError, ValueError):  # ValueError: metadata that save_weights did not write
         raise ValueError(f"{path} is not a safetensors file written by this train.py (cut short, or another file?)") from None
-    missing = sorted({*needs, *(IDENTITY if data_meta else ())} - meta.keys())
+    missing = sorted({*needs, *(MODEL_AND_LAYER if data_meta else ())} - meta.keys())
     if missing:
         raise ValueError(f"{path} has no {', '.join(missing)} in its metadata: "
                          "it was written by another or an older train.py; run that stage again")
-    wrong = [f"{k} {meta[k]!r}, the data's is {data_meta[k]!r}" for k in IDENTITY if data_meta and meta[k] != data_meta[k]]
+    wrong = [f"{k} {meta[k]!r}, the data's is {data_meta[k]!r}" for k in MODEL_AND_LAYER if data_meta and meta[k] != data_meta[k]]
     if wrong:
         raise ValueError(f"{path} was made for another model or layer: {'; '.join(wrong)}")
     return meta
@@ -645,7 +645,7 @@ def read_data_meta(data_dir, base_model, tokenizer):
         raise ValueError(f"{path} is not JSON (cut short?): run datagen.py again") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{path} is not a JSON object: run datagen.py again")
-    missing = sorted({*IDENTITY, 'base_model', 'vocab_size', 'marker', 'marker_id', 'alpha', 'data_id'} - meta.keys())
+    missing = sorted({*MODEL_AND_LAYER, 'base_model', 'vocab_size', 'marker', 'marker_id', 'alpha', 'data_id'} - meta.keys())
     if missing:
         raise ValueError(f"{path} has no {', '.join(missing)}: it was written by another or an older datagen.py; run it again")
     if not isinstance(meta['alpha'], (int, float)) or not 0 < meta['alpha'] < math.inf:

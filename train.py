@@ -545,7 +545,7 @@ def save_checkpoint(run):
 def write_checkpoint(run):
     """Trainable weights as safetensors (what a later stage's init_av/init_ar reads) and ckpt.pt with
     everything a resume needs. Each file is written to a temporary name, then renamed (nla.replacing)."""
-    meta = {'stage': stage, 'step': run.step, 'base_model': base_model, **{k: run.meta[k] for k in (*nla.IDENTITY, 'data_id')}}
+    meta = {'stage': stage, 'step': run.step, 'base_model': base_model, **{k: run.meta[k] for k in (*nla.MODEL_AND_LAYER, 'data_id')}}
     if run.av_opt is not None:
         nla.save_av(run.av, os.path.join(out_dir, 'av.safetensors'), run.av_frozen, {**run.av_meta, **meta})
     if run.ar_opt is not None:
