@@ -9,8 +9,8 @@ per-document seeded RNG. The activation is the output of block `layer` there (th
 that block), and the context is the decoded prefix through that token. Documents (a repeated text
 is dropped), never rows, are split into av_sft / ar_sft / rl / val; documents that open alike and near-duplicates
 go to one split, and with `group_column` (say a book) so do all the documents of a group. Writes
-out_dir/{av_sft,ar_sft,rl,val}.parquet and out_dir/meta.json, all at the end and atomically: a crash
-or bad input leaves nothing half-written.
+out_dir/{av_sft,ar_sft,rl,val}.parquet and out_dir/meta.json at the end, each file renamed into place,
+meta.json last: a crash or bad input leaves no half-written file, and no meta.json beside a mix of splits.
 """
 import collections
 import hashlib

@@ -312,8 +312,8 @@ def cache_kwargs(av, shape):
     """generate's KV cache argument for prompts of `shape` (batch, length): none for gen_cache='dynamic' (generate makes
     one), else a fixed-size cache made once per shape, kept for the run and emptied before each use. One made anew at
     every call (as cache_implementation='static' does) lies at new addresses, so on a GPU the CUDA graph of the compiled
-    decode step would be recorded again at every call (torch 2.11: at every call; from 2.13, after 128 such recordings
-    the graph is dropped and the step runs without one)."""
+    decode step would be recorded again at every call, with no end (torch 2.11 to 2.15 do not count a moved
+    mark_static_address tensor against their cap on re-recordings)."""
     if gen_cache == 'dynamic':
         return {}
     caches = av.__dict__.setdefault('static_caches', {})  # kept with the model they were made for
@@ -856,7 +856,7 @@ def rl(run):
         ar_loss, ar_norm, ar_ok = ar_step(run.ar, tok, [explanations[i] for i in vi], acts[vi], run.ar_opt, ar_lr_now, dev)
         t_ar = clock(dev)
 
-        # every logged number is over the global batch: local sums, summed over ranks, then divided
+        # every logged number but the timings (this rank's) is over the global batch: local sums, summed over ranks, then divided
         err_sum, u_sum, n_valid = nla.fve_stats(preds, acts[vi])
         u_sum = global_sum(u_sum, dev)
         groups = rewards.view(-1, group_size)
