@@ -504,7 +504,8 @@ def save_av(model, path, frozen, meta=None):
 
 def load_av(model, path):
     """Load a save_av file into a model with fresh LoRA: freezes the earlier adapters, loads the live
-    one, and returns the frozen states (pass them back to save_av)."""
+    one, and returns the frozen states (pass them back to save_av). The model's LoRA must have the rank,
+    alpha and rslora the file records (train.build_av reads them from it): freezing folds in its scale."""
     tensors = load_file(path)
     keys = {k: re.fullmatch(r'adapter(\d+)\.(.+)', k) for k in tensors}  # save_av's names: (i, name)
     foreign = [k for k, m in keys.items() if m is None]
