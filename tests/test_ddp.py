@@ -114,14 +114,15 @@ print(sorted(open(f).read().strip() for f in glob.glob('/proc/self/task/*/comm')
 def test_gradient_buckets_give_every_gradient_back_to_its_parameter(monkeypatch):
     """allreduce_grads in buckets of at most 12 numbers (here [5 + 6], [3 in bf16], [11], [4 + 4]; a run's are 2**25),
     over one gloo rank whose all_reduce doubles (the sum over two ranks of equal gradients): each gradient comes back
-    summed, whole, to its own parameter across bucket and dtype boundaries, and the parameter with no gradient (the
-    last) gets zeros."""
+    summed, whole, to its own parameter across bucket and dtype boundaries (the last one's too), and the parameter
+    with no gradient (the fifth) gets zeros."""
     shapes = [((5,), torch.float32), ((2, 3), torch.float32), ((3,), torch.bfloat16), ((11,), torch.float32),
               ((4,), torch.float32), ((4,), torch.float32)]
     params = [torch.nn.Parameter(torch.zeros(shape, dtype=dtype)) for shape, dtype in shapes]
-    want = [torch.randn(p.shape).to(p.dtype) for p in params[:-1]] + [torch.zeros(4)]
-    for p, g in zip(params[:-1], want):
-        p.grad = g.clone()
+    want = [torch.randn(p.shape).to(p.dtype) for p in params]
+    want[4] = torch.zeros(4)
+    for i, (p, g) in enumerate(zip(params, want)):
+        p.grad = None if i == 4 else g.clone()
     monkeypatch.setattr(train, 'ddp', True)
     monkeypatch.setattr(dist, 'all_reduce', lambda t: t.mul_(2))
     train.allreduce_grads(params, bucket_numel=12)

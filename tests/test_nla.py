@@ -205,6 +205,23 @@ def test_resolve_device_refuses_what_the_trainer_cannot_use(name):
         nla.resolve_device(name)
 
 
+def test_response_logprobs_are_each_tokens_next_token_logprob(tiny_dir, family):
+    """Response token t's log-prob is the log-softmax of the model's last logits on the prompt and the tokens before t:
+    the shift by one and logits_to_keep line up, and right padding changes no real token's value."""
+    av = lm_with_lora(tiny_dir[family])
+    randomize_lora(av)
+    prompt = torch.randn(2, 5, av.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 300, (2, 4), generator=torch.Generator().manual_seed(1))
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    with torch.no_grad():
+        logp, _ = nla.response_logprobs(av, prompt, ids, mask)
+        for i in range(2):
+            for t in range(int(mask[i].sum())):
+                x = torch.cat([prompt[i:i + 1], av.get_input_embeddings()(ids[i:i + 1, :t])], 1)
+                want = av(inputs_embeds=x).logits[0, -1].float().log_softmax(-1)[ids[i, t]]
+                torch.testing.assert_close(logp[i, t], want, rtol=1e-4, atol=1e-4)
+
+
 def test_scoring_forwards_keep_no_kv_cache(tiny_dir):
     """The log-prob and reconstructor forwards never decode on, so they build no cache (a whole batch's K/V)."""
     caches = []

@@ -53,6 +53,8 @@ def test_rl_then_eval_end_to_end(tiny_dir, tiny_data, sft_runs, tmp_path):
         assert all(0 <= r[k] <= 1 for k in ('extraction_rate', 'truncation_rate', 'zero_adv_frac')), r
         assert 1 <= r['mean_len'] <= 64 and -4 - 64 * 0.01 <= r['reward'] <= 0 and r['kl'] >= 0, r  # mse is at most 4
     assert any(r['extraction_rate'] > 0 for r in steps) and steps[0]['kl'] == pytest.approx(0, abs=1e-6)
+    # the KL reference is the frozen SFT adapter, not the live one: once the live adapter has moved, the two differ
+    assert steps[0]['av_grad_norm'] > 0 and all(r['kl'] > 1e-6 for r in steps[1:]), steps
     assert [r['step'] for r in read_log(out, 'eval')] == [0, 3]
     assert {'config.json', 'ckpt.pt', 'av.safetensors', 'ar.safetensors', 'log.jsonl'} <= set(os.listdir(out))
     assert {k.split('.')[0] for k in load_file(out / 'av.safetensors')} == {'adapter0', 'adapter1'}
@@ -469,10 +471,10 @@ def test_non_finite_steps_stop_the_run(tiny_dir, tiny_data, tmp_path):
 
 
 def test_advantages_by_hand():
-    rewards = torch.tensor([1.0, 2.0, 3.0, -2.0, -2.0, -2.0])
+    rewards = torch.tensor([1.0, 2.0, 6.0, -2.0, -2.0, -2.0])
     adv = train.advantages(rewards, 3)
-    sd = statistics.stdev([1, 2, 3])
-    assert adv[:3].tolist() == pytest.approx([-1 / (sd + 1e-6), 0, 1 / (sd + 1e-6)])
+    sd = statistics.stdev([1, 2, 6])  # sqrt(7): a group std of 1 would hide a missing division
+    assert adv[:3].tolist() == pytest.approx([-2 / (sd + 1e-6), -1 / (sd + 1e-6), 3 / (sd + 1e-6)])
     assert adv[3:].tolist() == [0, 0, 0]
 
 
