@@ -704,7 +704,7 @@ def run_loop(run, total, update, evaluate_fn):
             log(run, record)
             run.eval_step = step
         # a resume's eval at the last step is saved too (no later save would keep it)
-        saved = step > start and (step % ckpt_interval == 0 or step == total) or evaluated and step == total > 0
+        saved = (step > start and (step % ckpt_interval == 0 or step == total)) or (evaluated and step == total > 0)
         if saved:
             save_checkpoint(run)
         if step >= total:
