@@ -27,6 +27,7 @@ def test_int_for_float_is_fine():
     (['--steps=1.5'], "'steps' in the command line must be int"),
     (['--steps=True'], "'steps' in the command line must be int"),
     (['--flag=1'], "'flag' in the command line must be bool"),
+    (['--lr=True'], "'lr' in the command line must be float"),
     (['--lr'], "must look like --key=value"),
     (['--lr=1e999'], "'lr' in the command line must be a finite number"),
     (['--lr=' + '9' * 400], "'lr' in the command line must be a finite number"),

@@ -169,6 +169,11 @@ def test_positions_are_deterministic_per_document():
     assert a != draw_positions(ids, {0, 55}, 'a text', 2, 5, 50, every)
 
 
+def test_a_position_may_be_min_position_itself():
+    from datagen import draw_positions
+    assert draw_positions(list(range(60)), set(), 'a text', 1, 100, 50, ends_a_character=lambda p: True) == list(range(50, 60))
+
+
 def test_positions_end_a_character():
     """Of the positions >= 50, only the even ones end a character here: every position drawn is even."""
     from datagen import draw_positions

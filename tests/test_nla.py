@@ -90,6 +90,15 @@ def test_lora_disabled_gives_base_outputs(tiny_dir):
     assert not torch.equal(model(ids).logits, base(ids).logits)
 
 
+def test_lora_disabled_turns_the_adapters_back_on_after_an_exception():
+    """A caller that catches an error raised inside (a retry after running out of memory) keeps the policy, not the reference."""
+    model = torch.nn.Sequential(nla.LoRALinear(torch.nn.Linear(4, 4), rank=2, alpha=4.0))
+    with pytest.raises(RuntimeError, match='inside'):
+        with nla.lora_disabled(model):
+            raise RuntimeError('inside')
+    assert all(m.enabled for _, m in nla.lora_layers(model))
+
+
 def test_freeze_lora_makes_disabled_the_old_policy(tiny_dir):
     """After freeze_lora_, the model is unchanged and `lora_disabled` is the pre-freeze adapted model."""
     model = lm_with_lora(tiny_dir['llama'])
@@ -203,6 +212,17 @@ def test_resolve_device_refuses_what_the_trainer_cannot_use(name):
     """Devices torch knows but this code does not run on (mps passed once and failed later with a traceback)."""
     with pytest.raises(ValueError, match="device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"):
         nla.resolve_device(name)
+
+
+def test_a_long_text_keeps_its_end_in_the_ar_input(tiny_dir):
+    """Cut to its last max_text_tokens: the end is the part nearest the activation's token."""
+    tok = nla.load_tokenizer(tiny_dir['llama'])
+    text = 'the king walked to the river and the old captain smiled at the dark sea'
+    ids = nla.encode_text(tok, text, add_special_tokens=False)
+    before, after = nla.AR_TEMPLATE.split('{explanation}')
+    want = tok.encode(before, add_special_tokens=True) + ids[-4:] + tok.encode(after, add_special_tokens=False)
+    assert len(ids) > 8 and ids[-4:] != ids[:4]
+    assert nla.ar_inputs(tok, [text], 4, 'cpu')[0][0].tolist() == want
 
 
 def test_response_logprobs_are_each_tokens_next_token_logprob(tiny_dir, family):

@@ -158,8 +158,8 @@ def test_a_resume_makes_the_eval_its_checkpoint_missed_once(tiny_dir, tiny_data,
     rl_steps(tiny_dir, root, 2)
     ckpt = torch.load(root / 'run' / 'ckpt.pt', weights_only=False)
     torch.save({**ckpt, 'eval_step': 0}, root / 'run' / 'ckpt.pt')
-    rl_steps(tiny_dir, root, 2, '--resume=True')
-    assert [r['step'] for r in read_log(root / 'run', 'eval')] == [0, 2]
+    p = rl_steps(tiny_dir, root, 2, '--resume=True')
+    assert [r['step'] for r in read_log(root / 'run', 'eval')] == [0, 2] and 'eval 00002' in p.stdout
 
 
 def test_resume_refuses_other_data(tiny_dir, tiny_data, sft_runs, tmp_path):
@@ -470,6 +470,11 @@ def test_non_finite_steps_stop_the_run(tiny_dir, tiny_data, tmp_path):
 # the arithmetic, against hand computations
 
 
+def test_an_eval_and_an_rl_step_of_one_number_draw_apart():
+    """An eval at step s does not draw the rollouts of rl step s (seed_key tells the two kinds apart)."""
+    assert train.sample_seed((1, 5), 0) != train.sample_seed((0, 5), 0)
+
+
 def test_advantages_by_hand():
     rewards = torch.tensor([1.0, 2.0, 6.0, -2.0, -2.0, -2.0])
     adv = train.advantages(rewards, 3)
@@ -624,6 +629,8 @@ def test_eval_shards_are_contiguous_and_together_every_eval_row(monkeypatch):
     ({'rollout': 'sglang'}, "rollout must be"),
     ({'rollout': 'vllm', 'device': 'cuda:1'}, 'CUDA_VISIBLE_DEVICES'),
     ({'stage': 'rl', 'max_steps': 0}, 'max_steps > 0'),
+    ({'stage': 'rl', 'max_steps': 5, 'init_av': 'a'}, "stage 'rl' needs init_av and init_ar"),
+    ({'stage': 'eval', 'init_av': 'a'}, "stage 'eval' needs init_av and init_ar"),
     ({'dtype': 'float64'}, 'dtype must be one of'),
     ({'device': 'gpu'}, "device must be 'auto'"),
     ({'micro_batch': 0}, 'micro_batch must be at least 1'),
