@@ -601,7 +601,7 @@ def load_checkpoint(run):
         fail(f"{path} was made with the setting(s) {', '.join(removed)}, which this train.py does not have: start the run again")
     changed = sorted(k for k in run.config if k not in RESUMABLE and saved[k] != run.config[k])
     if changed:
-        fail(f"{path} was made with {', '.join(f'{k}={saved.get(k)!r}' for k in changed)}: "
+        fail(f"{path} was made with {', '.join(f'{k}={saved[k]!r}' for k in changed)}: "
              f"resume with the same settings (only {', '.join(RESUMABLE[1:])} may change)")
     if ckpt['built'] != build_settings(run):
         fail(f"{path}: its models were built with {ckpt['built']} (rank, alpha, rslora; the AR's text tokens), the inits "
