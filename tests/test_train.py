@@ -137,6 +137,13 @@ def rl_steps(tiny_dir, root, steps, *args, ok=True):
                       f'--max_steps={steps}', '--eval_interval=100', *args, ok=ok)
 
 
+def edit_checkpoint(run_dir, edit):
+    """run_dir/ckpt.pt loaded, changed in place by edit(ckpt), saved back: a checkpoint as other code would have left it."""
+    ckpt = torch.load(run_dir / 'ckpt.pt', weights_only=False)
+    edit(ckpt)
+    torch.save(ckpt, run_dir / 'ckpt.pt')
+
+
 def rl_tree(tiny_data, sft_runs, root):
     """A copy of everything an rl run reads: data, av, ar."""
     for name, src in (('data', tiny_data), ('av', sft_runs['av']), ('ar', sft_runs['ar'])):
@@ -156,8 +163,7 @@ def test_a_resume_makes_the_eval_its_checkpoint_missed_once(tiny_dir, tiny_data,
     replaces that record rather than adding a second."""
     root = rl_tree(tiny_data, sft_runs, tmp_path)
     rl_steps(tiny_dir, root, 2)
-    ckpt = torch.load(root / 'run' / 'ckpt.pt', weights_only=False)
-    torch.save({**ckpt, 'eval_step': 0}, root / 'run' / 'ckpt.pt')
+    edit_checkpoint(root / 'run', lambda ckpt: ckpt.update(eval_step=0))
     p = rl_steps(tiny_dir, root, 2, '--resume=True')
     assert [r['step'] for r in read_log(root / 'run', 'eval')] == [0, 2] and 'eval 00002' in p.stdout
 
@@ -227,9 +233,7 @@ def test_resume_names_a_setting_that_train_py_added_or_removed_since(edit, said,
     changed from None; one removed since is named as such, not as one to be given the same value again."""
     args = [*base_args(tiny_dir, tiny_data), '--stage=sft_av', f'--out_dir={tmp_path / "run"}', '--eval_interval=100']
     run_script('train.py', *args, '--max_steps=1')
-    ckpt = torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=False)
-    edit(ckpt['config'])
-    torch.save(ckpt, tmp_path / 'run' / 'ckpt.pt')
+    edit_checkpoint(tmp_path / 'run', lambda ckpt: edit(ckpt['config']))
     p = run_script('train.py', *args, '--max_steps=2', '--resume=True', ok=False)
     assert p.stderr.strip().splitlines()[-1].endswith('ckpt.pt ' + said)
 
@@ -389,9 +393,7 @@ def test_refuses_an_out_dir_with_a_log_but_no_checkpoint(tiny_dir, tiny_data, sf
 def test_a_checkpoint_of_an_older_train_py_names_what_it_lacks(tiny_dir, tiny_data, sft_runs, tmp_path):
     run = tmp_path / 'run'
     shutil.copytree(sft_runs['ar'], run)
-    ckpt = torch.load(run / 'ckpt.pt', weights_only=False)
-    del ckpt['built']
-    torch.save(ckpt, run / 'ckpt.pt')
+    edit_checkpoint(run, lambda ckpt: ckpt.pop('built'))
     p = run_script('train.py', *base_args(tiny_dir, tiny_data), '--stage=sft_ar', f'--out_dir={run}', '--resume=True', ok=False)
     assert p.stderr.strip().splitlines()[-1] == f"train: {run / 'ckpt.pt'} was written by an older train.py (it has no built): start the run again"
 
