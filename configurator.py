@@ -96,6 +96,10 @@ def save_config(config, out_dir, name='config.json'):
     """The resolved config, as JSON, beside the outputs it made (written atomically)."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, name)
-    with open(path + '.tmp', 'w') as f:
-        json.dump(config, f, indent=2)
-    os.replace(path + '.tmp', path)
+    try:
+        with open(path + '.tmp', 'w') as f:
+            json.dump(config, f, indent=2)
+        os.replace(path + '.tmp', path)
+    finally:  # a failed write (a full disk) leaves the old file and no partial one
+        if os.path.exists(path + '.tmp'):
+            os.remove(path + '.tmp')

@@ -1,11 +1,14 @@
 """configurator.py: files then --key=value over a script's globals, refusing what it does not know."""
+import json
+import os
+
 import pytest
 
 import configurator
 
 
 def defaults():
-    return {'lr': 1e-4, 'steps': 10, 'name': 'run', 'flag': False, 'splits': {'a': 0.5}}
+    return {'lr': 1e-4, 'steps': 10, 'name': 'run', 'flag': False, 'splits': {'a': 0.5}, 'layers': [1, 2]}
 
 
 def test_files_then_command_line(tmp_path):
@@ -13,7 +16,7 @@ def test_files_then_command_line(tmp_path):
     cfg.write_text("import math\nlr = 3e-4\nsteps = 2 * 5 + 1\nname = 'from_file'\n")
     g = defaults()
     config = configurator.configure(g, [str(cfg), '--steps=7', '--flag=True', '--name=42'])
-    assert config == {'lr': 3e-4, 'steps': 7, 'name': '42', 'flag': True, 'splits': {'a': 0.5}}
+    assert config == {'lr': 3e-4, 'steps': 7, 'name': '42', 'flag': True, 'splits': {'a': 0.5}, 'layers': [1, 2]}
     assert g['steps'] == 7
 
 
@@ -30,8 +33,10 @@ def test_int_for_float_is_fine():
     (['--lr=True'], "'lr' in the command line must be float"),
     (['--lr'], "must look like --key=value"),
     (['--lr=1e999'], "'lr' in the command line must be a finite number"),
+    (['--lr=-1e999'], "'lr' in the command line must be a finite number"),
     (['--lr=' + '9' * 400], "'lr' in the command line must be a finite number"),
     (['--steps={[]: 1}'], "'steps' in the command line must be int"),  # a literal that cannot be built
+    (['--layers=[{1}]'], "'layers' in the command line must hold only plain numbers, strings, lists and dicts"),  # a set
     (['--lr=' + '1+' * 5000 + '1'], "'lr' in the command line must be float"),  # one too deep to build
     (['missing.py'], "config file 'missing.py' not found"),
     (['lr=0.1'], "config file 'lr=0.1' not found (a setting is written --lr=0.1)"),
@@ -77,9 +82,26 @@ def test_constants_are_not_config():
 
 
 def test_save_config(tmp_path):
-    import json
     configurator.save_config(defaults(), tmp_path / 'out')
     assert json.loads((tmp_path / 'out' / 'config.json').read_text()) == defaults()
+
+
+def test_a_save_config_that_fails_keeps_the_old_file_and_leaves_no_partial_one(tmp_path, monkeypatch):
+    configurator.save_config(defaults(), tmp_path)
+
+    def dump(obj, f, **kwargs):
+        f.write('{"lr": ')
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(configurator.json, 'dump', dump)
+    with pytest.raises(OSError, match='No space left'):
+        configurator.save_config({**defaults(), 'steps': 3}, tmp_path)
+    assert json.loads((tmp_path / 'config.json').read_text()) == defaults() and os.listdir(tmp_path) == ['config.json']
+
+
+def test_a_config_file_may_read_the_defaults(tmp_path):
+    cfg = tmp_path / 'c.py'
+    cfg.write_text('steps = steps * 2\n')
+    assert configurator.configure(defaults(), [str(cfg)])['steps'] == 20
 
 
 @pytest.mark.parametrize('text, message', [("lr = (3e-4\n", "failed: SyntaxError"), ("lr = 2 * undefined\n", "failed: NameError"),
@@ -110,9 +132,10 @@ def test_a_config_file_may_call_and_annotate(tmp_path):
     assert config['steps'] == 7 and config['lr'] == 0.5
 
 
-@pytest.mark.parametrize('value', ['None', '__import__("numpy").int64(3)'])
+@pytest.mark.parametrize('value', ['None', '__import__("numpy").int64(3)', 'int'])
 def test_a_known_key_of_another_type_in_a_file_is_refused(tmp_path, value):
-    """A value of a type config does not hold (None, a numpy int) was once taken for a helper and dropped."""
+    """A value of a type config does not hold (None, a numpy int, a function: `steps = int`, its value forgotten)
+    was once taken for a helper and dropped."""
     cfg = tmp_path / 'c.py'
     cfg.write_text(f"steps = {value}\n")
     with pytest.raises(SystemExit, match="'steps' in .*c.py must be int"):
