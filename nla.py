@@ -649,11 +649,11 @@ def read_data_meta(data_dir, base_model, tokenizer):
     missing = sorted({*MODEL_AND_LAYER, 'base_model', 'vocab_size', 'marker', 'marker_id', 'alpha', 'data_id'} - meta.keys())
     if missing:
         raise ValueError(f"{path} has no {', '.join(missing)}: it was written by another or an older datagen.py; run it again")
-    if not isinstance(meta['alpha'], (int, float)) or not 0 < meta['alpha'] < math.inf:
+    if type(meta['alpha']) not in (int, float) or not 0 < meta['alpha'] < math.inf:  # JSON's true reads as an int
         raise ValueError(f"{path}: alpha must be a finite number > 0, got {meta['alpha']}")
     signature = model_signature(base_model, tokenizer)
     problems = [f"{k} {meta[k]!r} vs the model's {v!r}" for k, v in signature.items() if meta[k] != v]
-    if not isinstance(meta['layer'], int) or not 0 <= meta['layer'] < signature['n_layers']:
+    if type(meta['layer']) is not int or not 0 <= meta['layer'] < signature['n_layers']:
         problems.append(f"layer {meta['layer']!r} vs the model's {signature['n_layers']} blocks")
     if meta['vocab_size'] != len(tokenizer):
         problems.append(f"vocab size {meta['vocab_size']} vs the tokenizer's {len(tokenizer)}")
