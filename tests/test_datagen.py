@@ -174,6 +174,19 @@ def test_a_position_may_be_min_position_itself():
     assert draw_positions(list(range(60)), set(), 'a text', 1, 100, 50, ends_a_character=lambda p: True) == list(range(50, 60))
 
 
+def test_documents_that_open_alike_through_min_position_are_joined(tiny_dir, tmp_path, monkeypatch):
+    """A row is drawn at min_position or after, so two documents agreeing on tokens 0..min_position can give one row."""
+    seen, pairs = [], datagen.same_opening_pairs
+    monkeypatch.setattr(datagen, 'same_opening_pairs', lambda docs_ids, n: seen.append(n) or pairs(docs_ids, n))
+    run_on_jsonl(monkeypatch, tiny_dir, tmp_path, synthetic_docs(30))
+    assert seen == [20 + 1]  # config/datagen_tiny.py: min_position = 20
+
+
+def test_bfloat16_activations_are_stored_as_float32(tiny_dir, tmp_path, monkeypatch):
+    run_on_jsonl(monkeypatch, tiny_dir, tmp_path, synthetic_docs(30), '--dtype=bfloat16')
+    assert pq.read_schema(tmp_path / 'out' / 'val.parquet').field('activation').type == pa.list_(pa.float32(), 64)
+
+
 def test_positions_end_a_character():
     """Of the positions >= 50, only the even ones end a character here: every position drawn is even."""
     from datagen import draw_positions
@@ -293,9 +306,15 @@ def test_max_docs_reads_the_corpus_only_as_far_as_it_needs(tmp_path):
     assert (len(docs), repeats) == (2500, 833)
 
 
+def test_each_document_of_a_long_parquet_is_its_own_group(tmp_path):
+    """Without group_column, a group is a document: read in batches, the groups must not start again at each batch."""
+    pq.write_table(pa.table({'text': [f'text {i}' for i in range(3000)]}), tmp_path / 'c.parquet')
+    assert len(set(datagen.read_corpus(str(tmp_path / 'c.parquet'))[1])) == 3000
+
+
 def test_txt_corpus(tiny_dir, tmp_path, monkeypatch):
     corpus = tmp_path / 'c.txt'
-    seps = ['\n\n', '\n  \n', '\n\t\n\n']  # blank lines, some holding spaces
+    seps = ['\n\n', '\n  \n', '\n\t\n']  # blank lines, some holding spaces or a tab
     corpus.write_text(''.join(d.replace('. ', '.\n') + seps[i % 3] for i, d in enumerate(synthetic_docs(30))))  # lines within a document
     run_datagen(monkeypatch, f'--base_model={tiny_dir["llama"]}', f'--corpus={corpus}', f'--out_dir={tmp_path / "out"}')
     assert sum(json.load(open(tmp_path / 'out' / 'meta.json'))['docs'].values()) == 30
@@ -357,10 +376,35 @@ def test_near_duplicate_pairs_share_at_least_the_overlap():
     assert datagen.join_groups(['x', 'y', 'z', 'w'], datagen.near_duplicate_pairs(runs, 0.3)) == (['x', 'x', 'x', 'w'], 2)
 
 
+def test_token_runs_are_every_run_of_13_tokens():
+    assert datagen.token_runs(list(range(13))) == {hash(tuple(range(13)))} and len(datagen.token_runs(list(range(20)))) == 8
+
+
+def test_a_short_document_inside_a_long_one_is_its_near_duplicate():
+    """The overlap is a share of the smaller document's runs."""
+    a = list(range(100))
+    assert list(datagen.near_duplicate_pairs([datagen.token_runs(a), datagen.token_runs(a[:30])], 0.5)) == [(1, 0)]
+
+
+def test_sharing_exactly_the_overlap_is_a_near_duplicate():
+    a = list(range(100))
+    x = a[:56] + list(range(1000, 1044))  # 44 of its 88 runs are a's: exactly half
+    assert list(datagen.near_duplicate_pairs([datagen.token_runs(a), datagen.token_runs(x)], 0.5)) == [(1, 0)]
+
+
+def test_runs_an_earlier_document_also_holds_count_toward_a_later_one():
+    """c shares 63 of its 88 runs with b, 31 of which a holds first: all 63 count."""
+    a = list(range(100))
+    b = a[:43] + list(range(500, 557))  # 31 of its runs are a's: below half
+    c = b[:75] + list(range(900, 925))
+    assert list(datagen.near_duplicate_pairs([datagen.token_runs(ids) for ids in (a, b, c)], 0.5)) == [(2, 1)]
+
+
 def test_documents_that_open_alike_are_paired_and_their_groups_joined_transitively():
     a, b = list(range(100)), list(range(30)) + list(range(1000, 1070))  # the same first 30 tokens
     c, d = list(range(29)) + [5000], list(range(2000, 2100))  # c differs at token 29
     assert list(datagen.same_opening_pairs([a, b, c, d, b[:40]], 30)) == [(1, 0), (4, 0)]
+    assert list(datagen.same_opening_pairs([a, [9] + a[1:]], 30)) == []  # the first token counts too
     assert datagen.join_groups(['x', 'y', 'z', 'y', 'w'], [(1, 0), (4, 3)]) == (['x', 'x', 'z', 'x', 'x'], 2)
 
 
@@ -638,6 +682,7 @@ def test_api_teacher_retries_and_caches(tiny_dir, tmp_path, teacher_url, monkeyp
     first = FakeTeacher.calls
     rows = read(tmp_path / 'out', 'val')
     assert all(e.startswith('<explanation>ends ') for e in rows['explanation'])
+    assert json.load(open(tmp_path / 'out' / 'meta.json'))['teacher'] == 'api'
     capsys.readouterr()
     run_datagen(monkeypatch, *args)
     assert FakeTeacher.calls == first  # all from the cache
@@ -739,6 +784,12 @@ def test_api_explanation_is_the_tagged_part_alone(tmp_path, monkeypatch):
 def test_an_answer_cut_before_its_closing_tag_keeps_no_stray_tag():
     assert datagen.as_explanation('<explanation>cut before its close ') == '<explanation>cut before its close</explanation>'
     assert datagen.as_explanation('no tags at all') == '<explanation>no tags at all</explanation>'
+
+
+def test_offline_teacher_names_the_longest_earlier_words_then_quotes_the_last_six():
+    assert datagen.context_explanation('The captain walked slowly home at night, then quietly remembered everything.') == (
+        '<explanation>\n- earlier words: captain, slowly, walked\n- ends with: "at night, then quietly remembered everything."\n'
+        '</explanation>')
 
 
 def test_offline_teacher_quotes_a_closing_tag_without_ending_the_explanation():
@@ -850,6 +901,36 @@ def test_check_data_id_passes_the_data_as_written_and_refuses_a_changed_file(tin
         nla.check_data_id(data, meta)
 
 
+def test_data_id_covers_the_whole_of_a_large_file(tmp_path):
+    a, b = tmp_path / 'a', tmp_path / 'b'
+    a.write_bytes(b'\0' * (3 << 20))
+    b.write_bytes(b'\0' * ((3 << 20) - 1) + b'\1')
+    assert nla.data_digest({}, [str(a)]) != nla.data_digest({}, [str(b)])
+
+
+def test_check_data_id_names_a_missing_split(tiny_data, tmp_path):
+    data = broken_copy(tiny_data, tmp_path)
+    os.remove(os.path.join(data, 'rl.parquet'))
+    with pytest.raises(ValueError, match=re.escape(f"{os.path.join(data, 'rl.parquet')} not found: run datagen.py again")):
+        nla.check_data_id(data, json.load(open(os.path.join(data, 'meta.json'))))
+
+
+def test_a_write_that_fails_midway_leaves_no_old_meta_beside_new_splits(tmp_path, monkeypatch):
+    out = str(tmp_path / 'out')
+    nla.write_data(out, {'val': pa.table({'x': [1.0]}), 'rl': pa.table({'x': [1.0]})}, {'config': {}})
+    real, calls = os.replace, []
+
+    def replace(a, b):  # the second split's rename fails (a full disk)
+        calls.append(b)
+        if len(calls) == 2:
+            raise OSError(28, 'No space left on device')
+        real(a, b)
+    monkeypatch.setattr(nla.os, 'replace', replace)
+    with pytest.raises(OSError, match='No space left'):
+        nla.write_data(out, {'val': pa.table({'x': [2.0]}), 'rl': pa.table({'x': [2.0]})}, {'config': {}})
+    assert not os.path.exists(os.path.join(out, 'meta.json'))
+
+
 def test_write_data_removes_a_killed_runs_temporary_folder_and_no_other(tmp_path):
     (tmp_path / 'out' / '.datagen-tmp-k1ll3d').mkdir(parents=True)  # what a run killed while writing left behind
     (tmp_path / 'out' / '.datagen-tmp-k1ll3d' / 'val.parquet').write_text('half')
@@ -865,10 +946,17 @@ def test_write_data_removes_a_killed_runs_temporary_folder_and_no_other(tmp_path
     (lambda m: json.dumps({k: v for k, v in m.items() if k != 'data_id'}), 'has no data_id: it was written by another or an older'),
     (lambda m: json.dumps({**m, 'alpha': float('nan')}), 'alpha must be a finite number > 0'),
     (lambda m: json.dumps({**m, 'alpha': -5.0}), 'alpha must be a finite number > 0'),
+    (lambda m: json.dumps({**m, 'alpha': 0}), 'alpha must be a finite number > 0'),
+    (lambda m: json.dumps({**m, 'alpha': float('inf')}), 'alpha must be a finite number > 0'),
+    (lambda m: json.dumps({**m, 'alpha': '250'}), 'alpha must be a finite number > 0'),
+    (lambda m: json.dumps({**m, 'alpha': True}), 'alpha must be a finite number > 0'),
+    (lambda m: json.dumps({k: v for k, v in m.items() if k != 'marker_id'}), 'has no marker_id'),
     (lambda m: json.dumps({**m, 'd_model': 32}), "d_model 32 vs the model's 64"),
     (lambda m: json.dumps({**m, 'model_type': 'qwen3'}), "model_type 'qwen3' vs the model's 'llama'"),
     (lambda m: json.dumps({**m, 'layer': 9}), "layer 9 vs the model's 4 blocks"),
     (lambda m: json.dumps({**m, 'layer': '1'}), "layer '1' vs the model's 4 blocks"),
+    (lambda m: json.dumps({**m, 'layer': -1}), "layer -1 vs the model's 4 blocks"),
+    (lambda m: json.dumps({**m, 'layer': True}), "layer True vs the model's 4 blocks"),
     (lambda m: json.dumps({**m, 'marker': 7}), 'marker 7 is not token'),
     (lambda m: json.dumps({**m, 'marker_id': 5}), 'is not token 5 in this tokenizer'),
     (lambda m: json.dumps({**m, 'vocab_size': m['vocab_size'] + 1}), "vs the tokenizer's"),
@@ -877,6 +965,18 @@ def test_read_data_meta_refuses(tiny_dir, tiny_data, tmp_path, meta_edit, messag
     data = broken_copy(tiny_data, tmp_path, meta_edit)
     with pytest.raises(ValueError, match=re.escape(message)):
         nla.read_data_meta(data, tiny_dir['llama'], nla.load_tokenizer(tiny_dir['llama']))
+
+
+def test_data_of_a_tokenizer_with_an_added_token_is_read(tiny_dir, tmp_path, monkeypatch):
+    """vocab_size counts added tokens (len(tokenizer), not tokenizer.vocab_size) on both sides of the contract."""
+    model = tmp_path / 'model'
+    shutil.copytree(tiny_dir['llama'], model)
+    tok = nla.load_tokenizer(str(model))
+    tok.add_tokens(['<image>'], special_tokens=True)  # within the embedding's rows
+    tok.save_pretrained(model)
+    meta = run_on_jsonl(monkeypatch, {'llama': str(model)}, tmp_path, synthetic_docs(30))
+    assert meta['vocab_size'] == len(tok) == tok.vocab_size + 1
+    assert nla.read_data_meta(str(tmp_path / 'out'), str(model), nla.load_tokenizer(str(model)))['vocab_size'] == len(tok)
 
 
 def test_data_of_another_model_names_both(tiny_dir, tiny_data):
@@ -901,6 +1001,18 @@ def test_read_split_refuses(tiny_data, tmp_path, val, message):
     data = broken_copy(tiny_data, tmp_path, val=val)
     with pytest.raises(ValueError, match='|'.join(map(re.escape, message if isinstance(message, tuple) else [message]))):
         nla.read_split(data, 'val', 64)
+
+
+def test_read_split_reads_large_string_text(tiny_data, tmp_path):
+    """polars and pandas write text as large_string."""
+    data = broken_copy(tiny_data, tmp_path, val=lambda t: t.cast(pa.schema(
+        [f.with_type(pa.large_string()) if f.name in ('context', 'explanation') else f for f in t.schema])))
+    assert nla.read_split(data, 'val', 64)['context'] == nla.read_split(tiny_data, 'val', 64)['context']
+
+
+def test_a_row_is_unusable_when_all_zero_or_not_finite_not_when_some_entries_are_zero():
+    acts = np.array([[0.0, 1.0], [0.0, 0.0], [np.inf, 1.0], [1.0, np.nan]], np.float32)
+    assert nla.unusable_rows(acts).tolist() == [1, 2, 3]
 
 
 def test_read_split_refuses_another_width(tiny_data):

@@ -5,9 +5,11 @@ import os
 import re
 import shutil
 import time
+import types
 
 import pytest
 import torch
+import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 import nla
@@ -142,6 +144,26 @@ def test_marker_must_be_one_token_and_occur_once(tiny_dir):
         nla.av_prompt(tok, 'zqxj@@ww')
     with pytest.raises(ValueError, match=r"marker 'e' occurs \d+ times in the AV prompt"):
         nla.av_prompt(tok, 'e')  # occurs all over the prompt text
+
+
+def test_a_marker_token_the_tokenizer_also_gives_elsewhere_is_refused():
+    class Folding:  # a tokenizer whose normalizer folds 'D' onto the marker's token
+        chat_template = None
+
+        def encode(self, text, add_special_tokens=False):
+            return [ord('@') if c in '@D' else ord(c) for c in text]
+    with pytest.raises(ValueError, match=re.escape("marker token 64 ('@') occurs 2 times")):
+        nla.av_prompt(Folding(), '@')
+
+
+def test_a_chat_prompt_gets_no_second_bos(tiny_dir):
+    """A template that writes the BOS itself (Llama 3's), with a tokenizer that also adds one: the prompt holds one."""
+    from tokenizers import processors
+    tok = nla.load_tokenizer(tiny_dir['llama'])
+    bos = tok.convert_tokens_to_ids('<|endoftext|>')
+    tok.chat_template = '<|endoftext|>' + tok.chat_template
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single='<|endoftext|> $A', special_tokens=[('<|endoftext|>', bos)])
+    assert tok.encode('x')[0] == bos and nla.av_prompt(tok, '@')[0].count(bos) == 1
 
 
 def test_prompt_holds_no_date_of_the_day_it_is_made(tiny_dir):
@@ -299,9 +321,42 @@ def test_a_token_past_the_embedding_is_refused_unless_text_cannot_give_it(tiny_d
         nla.model_signature(tiny_dir['llama'], tok)
 
 
+@pytest.mark.parametrize('add', [lambda tok: tok.add_tokens(['<added>']),
+                                 lambda tok: tok.add_special_tokens({'pad_token': '<pad>'})],  # text never gives it; padding does
+                         ids=['text', 'pad'])
+def test_a_token_one_past_the_embedding_is_refused(tiny_dir, add):
+    tok = nla.load_tokenizer(tiny_dir['llama'])
+    rows = len(tok)
+    add(tok)
+    with pytest.raises(ValueError, match=f"its tokenizer gives token {rows}, past its embedding's {rows} rows"):
+        nla.model_signature(tiny_dir['llama'], tok)
+
+
 def test_missing_layer_is_a_clear_error(tiny_dir):
     with pytest.raises(ValueError, match='layer 9 does not exist'):
         nla.load_backbone(tiny_dir['llama'], 10, 'float32')
+    with pytest.raises(ValueError, match='layer -1 does not exist'):
+        nla.check_layer(tiny_dir['llama'], -1, 4)
+
+
+def test_two_candidate_final_norms_are_refused():
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 8)
+            self.layers = nn.ModuleList([nn.Linear(8, 8)])
+            self.norm, self.other_norm = nn.LayerNorm(8), nn.LayerNorm(8)
+
+        def get_input_embeddings(self):
+            return self.embed
+    lm = LM()
+    with pytest.raises(ValueError, match=re.escape("expected one final norm, found ['norm', 'other_norm']")):
+        nla.find_final_norm(lm, lm.layers)
+
+
+def test_end_tokens_are_the_generation_config_s_and_the_tokenizer_s():
+    model = types.SimpleNamespace(generation_config=types.SimpleNamespace(eos_token_id=[7, 3]))
+    assert nla.end_token_ids(model, types.SimpleNamespace(eos_token_id=5)) == [3, 5, 7]
 
 
 @pytest.mark.parametrize('edit, message', [
@@ -450,6 +505,14 @@ def test_a_write_that_fails_keeps_the_old_file_and_leaves_no_partial_one(tmp_pat
     assert path.read_text() == 'the next checkpoint' and os.listdir(tmp_path) == ['ckpt.pt']
 
 
+def test_a_write_replaces_what_a_killed_write_left(tmp_path):
+    """SIGKILL runs no finally: the next write to the same path removes its temporary file."""
+    (tmp_path / 'ckpt.pt.tmp').write_text('half of a write killed by SIGKILL')
+    with nla.replacing(tmp_path / 'ckpt.pt') as tmp, open(tmp, 'w') as f:
+        f.write('the next checkpoint')
+    assert os.listdir(tmp_path) == ['ckpt.pt']
+
+
 SIGNATURE = {'model_type': 'llama', 'n_layers': 4, 'd_model': 64, 'layer': 1}
 
 
@@ -460,6 +523,7 @@ SIGNATURE = {'model_type': 'llama', 'n_layers': 4, 'd_model': 64, 'layer': 1}
     ({'lora_rank': 4}, ['lora_rank'], SIGNATURE, 'has no d_model, layer, model_type, n_layers in its metadata'),
     ({'lora_rank': 4, **SIGNATURE}, [], {**SIGNATURE, 'layer': 2}, "another model or layer: layer 1, the data's is 2"),
     ({'lora_rank': 4, **SIGNATURE}, [], {**SIGNATURE, 'model_type': 'qwen3'}, "model_type 'llama', the data's is 'qwen3'"),
+    ({'lora_rank': 4, **SIGNATURE}, [], {**SIGNATURE, 'd_model': 128}, "d_model 64, the data's is 128"),
 ])
 def test_read_meta_checks_what_a_stage_needs(tmp_path, meta, needs, data_meta, message):
     path = tmp_path / 'av.safetensors'
@@ -472,6 +536,12 @@ def test_read_meta_checks_what_a_stage_needs(tmp_path, meta, needs, data_meta, m
     else:
         with pytest.raises(ValueError, match=re.escape(message)):
             nla.read_meta(path, needs, data_meta)
+
+
+def test_read_meta_of_a_missing_file_says_so(tmp_path):
+    """A ValueError, which train.py says in one line (a FileNotFoundError would be a traceback)."""
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'av.safetensors'} not found")):
+        nla.read_meta(tmp_path / 'av.safetensors')
 
 
 def test_weights_holding_nan_are_refused(tiny_dir):
@@ -504,6 +574,8 @@ def test_load_trainable_refuses_other_shapes(tiny_dir):
         nla.load_trainable(ar, other, 'ar.safetensors')
     with pytest.raises(ValueError, match='do not fit'):
         nla.load_trainable(ar, {'head.weight': torch.eye(64)}, 'ar.safetensors')
+    with pytest.raises(ValueError, match=re.escape("unexpected ['head.bias']")):
+        nla.load_trainable(ar, {**nla.trainable_state(ar), 'head.bias': torch.zeros(64)}, 'ar.safetensors')
 
 
 def test_frozen_adapter_survives_bf16(tiny_dir):
@@ -548,6 +620,13 @@ def test_check_out_dir_refuses_what_cannot_be_made_and_creates_nothing(tmp_path)
             nla.check_out_dir(str(path))
     nla.check_out_dir(str(tmp_path / 'a' / 'b'))  # can be made: passes, and makes nothing
     assert os.listdir(tmp_path) == ['f']
+
+
+def test_check_out_dir_refuses_a_parent_without_write_permission(tmp_path, monkeypatch):
+    real = os.access  # the tests may run as root, who may write anywhere: the check is shown its answer
+    monkeypatch.setattr(nla.os, 'access', lambda path, mode: False if mode & os.W_OK else real(path, mode))
+    with pytest.raises(ValueError, match=re.escape(f"no write permission in '{tmp_path}'")):
+        nla.check_out_dir(str(tmp_path / 'out'))
 
 
 def test_load_tokenizer_names_a_folder_that_is_not_a_model(tiny_data):
