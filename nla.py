@@ -649,7 +649,7 @@ def read_data_meta(data_dir, base_model, tokenizer):
     missing = sorted({*MODEL_AND_LAYER, 'base_model', 'vocab_size', 'marker', 'marker_id', 'alpha', 'data_id'} - meta.keys())
     if missing:
         raise ValueError(f"{path} has no {', '.join(missing)}: it was written by another or an older datagen.py; run it again")
-    if type(meta['alpha']) not in (int, float) or not 0 < meta['alpha'] < math.inf:  # JSON's true reads as an int
+    if type(meta['alpha']) not in (int, float) or not 0 < meta['alpha'] < math.inf:  # JSON's true, a bool, is an int to isinstance
         raise ValueError(f"{path}: alpha must be a finite number > 0, got {meta['alpha']}")
     signature = model_signature(base_model, tokenizer)
     problems = [f"{k} {meta[k]!r} vs the model's {v!r}" for k, v in signature.items() if meta[k] != v]
