@@ -1,4 +1,5 @@
 """train.py: the stages end to end on the tiny model, the GRPO arithmetic, resume and refusals."""
+import fcntl
 import importlib.util
 import json
 import math
@@ -622,6 +623,8 @@ def test_eval_shards_are_contiguous_and_together_every_eval_row(monkeypatch):
     assert shards == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
     with pytest.raises(SystemExit, match='leave nothing for some of the 3 ranks'):
         train.eval_shard(2)
+    monkeypatch.setattr(train, 'eval_rows', 3)  # as many rows as ranks: one each
+    assert train.eval_shard(100) == [2]
 
 
 @pytest.mark.parametrize('settings, message', [
@@ -651,13 +654,86 @@ def test_eval_shards_are_contiguous_and_together_every_eval_row(monkeypatch):
     ({'wandb_log': True}, 'pip install wandb'),
     ({'stage': 'sft_av', 'init_ar': 'b'}, "stage 'sft_av' does not use init_ar"),
     ({'stage': 'sft_ar', 'context_ar': 'c'}, "stage 'sft_ar' does not use context_ar"),
+    ({'stage': 'sft_av', 'context_ar': 'c'}, "stage 'sft_av' does not use context_ar"),
+    ({'stage': 'sft_ar', 'init_av': 'a'}, "stage 'sft_ar' does not use init_av"),
+    ({'seed': 2**32}, 'seed must be in'),
+    ({'vllm_gpu_memory': 0.0}, 'vllm_gpu_memory must be in'),
+    ({'min_lr_frac': -0.1}, 'min_lr_frac in'),
+    ({'top_p': 0.9}, 'true policy'),
 ])
 def test_check_config_refusals(monkeypatch, tmp_path, settings, message):
+    configure(monkeypatch, tmp_path, settings)
+    with pytest.raises(SystemExit, match=message):
+        train.check_config()
+
+
+def configure(monkeypatch, tmp_path, settings):
+    """train's config globals for a check_config call: out_dir in tmp_path, the optional packages (vllm, wandb) absent."""
     monkeypatch.setattr(train, 'out_dir', str(tmp_path))
-    monkeypatch.setattr(importlib.util, 'find_spec', lambda name: None)  # the optional packages (vllm, wandb) absent
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name: None)
     for k, v in settings.items():
         monkeypatch.setattr(train, k, v)
-    with pytest.raises(SystemExit, match=message):
+
+
+def accepted(monkeypatch, tmp_path, settings):
+    configure(monkeypatch, tmp_path, settings)
+    _, lock = train.check_config()
+    if lock is not None:
+        os.close(lock)
+
+
+AT_LEAST_1 = ['batch_size', 'micro_batch', 'batch_prompts', 'group_size', 'max_new_tokens', 'gen_batch_size', 'epochs',
+              'eval_interval', 'eval_rows', 'ckpt_interval', 'log_interval', 'max_bad_steps', 'ar_max_tokens', 'lora_rank']
+NOT_NEGATIVE = ['max_steps', 'warmup_steps', 'lr', 'ar_lr', 'weight_decay', 'ar_lora_rank', 'eval_examples',
+                'length_penalty', 'length_slack', 'kl_coef']
+POSITIVE = ['grad_clip', 'max_logprob_diff', 'logratio_clamp', 'lora_alpha']
+
+
+@pytest.mark.parametrize('name', AT_LEAST_1)
+def test_check_config_refuses_each_count_of_zero(monkeypatch, tmp_path, name):
+    """Else a zero ends in a traceback (a % 0 or // 0) or a run that does nothing."""
+    configure(monkeypatch, tmp_path, {name: 0})
+    with pytest.raises(SystemExit, match=f'{name} must be at least 1, got 0'):
+        train.check_config()
+
+
+@pytest.mark.parametrize('name', NOT_NEGATIVE)
+def test_check_config_refuses_each_negative_and_takes_zero(monkeypatch, tmp_path, name):
+    """A negative lr or kl_coef would train the wrong way without a word."""
+    accepted(monkeypatch, tmp_path, {name: 0})
+    monkeypatch.setattr(train, name, -1)
+    with pytest.raises(SystemExit, match=f'{name} must not be negative, got -1'):
+        train.check_config()
+
+
+@pytest.mark.parametrize('name', POSITIVE)
+def test_check_config_refuses_each_zero_that_must_be_positive(monkeypatch, tmp_path, name):
+    """max_logprob_diff=0, say, would leave every vLLM rollout out of the loss."""
+    configure(monkeypatch, tmp_path, {name: 0.0})
+    with pytest.raises(SystemExit, match=f'{name} must be positive, got 0.0'):
+        train.check_config()
+
+
+@pytest.mark.parametrize('settings', [
+    {'seed': 0}, {'seed': 2**32 - 1},  # numpy's seed range, both ends
+    {'vllm_gpu_memory': 1.0}, {'min_lr_frac': 0.0}, {'min_lr_frac': 1.0},  # 0: the cosine to zero; 1: constant after warmup
+    {'stage': 'rl', 'group_size': 2, 'max_steps': 5, 'init_av': 'a', 'init_ar': 'b'},  # the smallest group
+    {'stage': 'eval', 'dtype': 'float16', 'init_av': 'a', 'init_ar': 'b'},  # no loss, so no loss scaling needed
+    {'rollout': 'vllm', 'stage': 'sft_av'},  # SFT samples nothing: vLLM need not be installed
+])
+def test_check_config_takes_the_ends_of_each_range(monkeypatch, tmp_path, settings):
+    accepted(monkeypatch, tmp_path, settings)
+
+
+def test_check_config_takes_cuda_0_for_a_vllm_run_in_one_process(monkeypatch, tmp_path):
+    monkeypatch.setattr(nla, 'resolve_device', lambda name: name)  # no GPU needed to check the config
+    accepted(monkeypatch, tmp_path, {'rollout': 'vllm', 'device': 'cuda:0', 'stage': 'sft_av'})
+
+
+def test_an_out_dir_that_is_init_ar_is_refused(monkeypatch, tmp_path):
+    """An rl run would write over the ar.safetensors it reads."""
+    configure(monkeypatch, tmp_path, {'stage': 'rl', 'max_steps': 5, 'init_av': 'a', 'init_ar': str(tmp_path)})
+    with pytest.raises(SystemExit, match="is the init_ar folder"):
         train.check_config()
 
 
@@ -682,6 +758,77 @@ def test_an_eval_takes_no_batch_so_none_must_divide_by_the_ranks(monkeypatch, tm
     for k, v in settings.items():
         monkeypatch.setattr(train, k, v)
     train.check_config()
+
+
+def test_log_writes_non_finite_floats_as_null(monkeypatch, tmp_path):
+    """log.jsonl stays strict JSON: a diverged step's inf or nan loss is written as null."""
+    monkeypatch.setattr(train, 'out_dir', str(tmp_path))
+    mirrored = []
+    run = types.SimpleNamespace(wandb_log=lambda values, step: mirrored.append(values))
+    train.log(run, {'stage': 'sft_ar', 'step': 1, 'loss': float('inf'), 'kl': float('-inf'), 'fve': float('nan'), 'n': 2})
+    line = (tmp_path / 'log.jsonl').read_text()
+    record = json.loads(line, parse_constant=lambda c: pytest.fail(f'{c} in log.jsonl'))
+    assert record == {'stage': 'sft_ar', 'step': 1, 'loss': None, 'kl': None, 'fve': None, 'n': 2}
+    assert mirrored == [{'sft_ar/n': 2}]
+
+
+def test_only_rank_0_logs(monkeypatch, tmp_path):
+    monkeypatch.setattr(train, 'out_dir', str(tmp_path))
+    monkeypatch.setattr(train, 'master_process', False)
+    mirrored = []
+    train.log(types.SimpleNamespace(wandb_log=lambda *a, **k: mirrored.append(a)), {'stage': 'rl', 'step': 1, 'fve': 0.5})
+    assert not (tmp_path / 'log.jsonl').exists() and mirrored == []
+
+
+def test_fmt_leaves_out_stage_and_step_and_rounds_floats():
+    assert train.fmt({'stage': 'rl', 'step': 3, 'loss': 0.123456, 'rows': 5, 'lr': 1e-5}) == 'loss 0.1235 | rows 5 | lr 1e-05'
+
+
+def test_sft_steps_counts_the_rows_of_all_epochs(monkeypatch):
+    """3 epochs of 10 rows in batches of 4 are 30 rows: 7 steps (take_rows streams across epochs)."""
+    monkeypatch.setattr(train, 'max_steps', 0)
+    monkeypatch.setattr(train, 'epochs', 3)
+    monkeypatch.setattr(train, 'batch_size', 4)
+    assert train.sft_steps(10) == 7
+    monkeypatch.setattr(train, 'max_steps', 2)
+    assert train.sft_steps(10) == 2
+
+
+def test_lock_out_dir_refuses_a_folder_another_run_holds(monkeypatch, tmp_path):
+    monkeypatch.setattr(train, 'out_dir', str(tmp_path))
+    held = os.open(tmp_path, os.O_RDONLY)  # another open file description: flock conflicts even within one process
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def too_long(*_):
+        raise TimeoutError('lock_out_dir waited for the lock instead of refusing')
+    old = signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(5)
+    try:
+        with pytest.raises(SystemExit, match='is in use by another run'):
+            train.lock_out_dir()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+        os.close(held)
+
+
+@pytest.mark.parametrize('side, key', [('av', 'lora_rank'), ('av', 'lora_alpha'), ('av', 'rslora'), ('ar', 'ar_lora_rank'),
+                                       ('ar', 'lora_alpha'), ('ar', 'rslora'), ('ar', 'ar_max_tokens')])
+def test_build_settings_tell_apart_models_built_with_any_other_setting(side, key):
+    """A resume compares these: an init of another rslora or ar_lora_rank builds other adapters, and must be refused."""
+    metas = {'av': {'lora_rank': 8, 'lora_alpha': 16.0, 'rslora': False},
+             'ar': {'ar_lora_rank': 4, 'lora_alpha': 8.0, 'rslora': False, 'ar_max_tokens': 64}}
+    before = train.build_settings(types.SimpleNamespace(av_meta=metas['av'], ar_meta=metas['ar']))
+    metas[side] = {**metas[side], key: 'other'}
+    assert train.build_settings(types.SimpleNamespace(av_meta=metas['av'], ar_meta=metas['ar'])) != before
+
+
+def test_read_init_notes_nothing_for_a_file_of_this_model_and_data_or_one_without_base_model(monkeypatch, capsys):
+    monkeypatch.setattr(train, 'base_model', 'm')
+    for meta in ({'data_id': 'd'}, {'data_id': 'd', 'base_model': 'm'}):  # an older file names no base_model
+        monkeypatch.setattr(nla, 'read_meta', lambda path, needs, data_meta: meta)
+        assert train.read_init('x', ['lora_rank'], {'data_id': 'd'}) == meta
+    assert capsys.readouterr().err == ''
 
 
 def fresh_run():
