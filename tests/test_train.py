@@ -740,24 +740,17 @@ def test_an_out_dir_that_is_init_ar_is_refused(monkeypatch, tmp_path):
 @pytest.mark.parametrize('stage, refused', [('sft_av', 'batch_size'), ('sft_ar', 'batch_size'), ('rl', 'batch_prompts')])
 def test_only_the_stage_batch_must_divide_by_the_ranks(monkeypatch, tmp_path, stage, refused):
     """Three ranks: the stage's own global batch is refused when it does not divide, the other stage's is not looked at."""
-    settings = {'out_dir': str(tmp_path), 'stage': stage, 'ddp_world_size': 3, 'batch_size': 30, 'batch_prompts': 30,
-                'max_steps': 5, 'init_av': 'a' if stage == 'rl' else '', 'init_ar': 'b' if stage == 'rl' else ''}
-    for k, v in settings.items():
-        monkeypatch.setattr(train, k, v)
     other = {'batch_size': 'batch_prompts', 'batch_prompts': 'batch_size'}[refused]
-    monkeypatch.setattr(train, other, 32)
-    train.check_config()
+    accepted(monkeypatch, tmp_path, {'stage': stage, 'ddp_world_size': 3, refused: 30, other: 32, 'max_steps': 5,
+                                     'init_av': 'a' if stage == 'rl' else '', 'init_ar': 'b' if stage == 'rl' else ''})
     monkeypatch.setattr(train, refused, 32)
     with pytest.raises(SystemExit, match=f'{refused}=32 must divide by the number of ranks, 3'):
         train.check_config()
 
 
 def test_an_eval_takes_no_batch_so_none_must_divide_by_the_ranks(monkeypatch, tmp_path):
-    settings = {'out_dir': str(tmp_path), 'stage': 'eval', 'ddp_world_size': 3, 'batch_size': 32, 'batch_prompts': 32,
-                'init_av': 'a', 'init_ar': 'b'}
-    for k, v in settings.items():
-        monkeypatch.setattr(train, k, v)
-    train.check_config()
+    accepted(monkeypatch, tmp_path, {'stage': 'eval', 'ddp_world_size': 3, 'batch_size': 32, 'batch_prompts': 32,
+                                     'init_av': 'a', 'init_ar': 'b'})
 
 
 def test_log_writes_non_finite_floats_as_null(monkeypatch, tmp_path):
